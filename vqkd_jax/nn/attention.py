@@ -1,0 +1,60 @@
+"""Multi-head dot-product attention with logical axis names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense_init(std: float = 0.02):
+  return nn.initializers.truncated_normal(std)
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention over [B, L, D] -> [B, L, D].
+
+  Attributes:
+    num_heads: number of heads; the head dim is D // num_heads.
+    causal: mask future positions (autoregressive models).
+    use_bias: biases on the q, k, v and output projections.
+    out_init_std: std of the output projection (scaled by depth in ViTs).
+    dtype: computation dtype.
+  """
+  num_heads: int
+  causal: bool = False
+  use_bias: bool = True
+  out_init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    d = x.shape[-1]
+    head_dim = d // self.num_heads
+    proj = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    if mask is None and self.causal:
+      mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
+    y = dot_product_attention(q, k, v, mask, self.dtype)
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
+        kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
+                                                 ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+
+
+def dot_product_attention(q, k, v, mask, dtype):
+  """softmax(q k^T / sqrt(d)) v with an optional boolean mask [B, 1|H, Lq, Lk]; softmax in float32."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
