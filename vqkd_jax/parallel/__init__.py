@@ -1,0 +1,1 @@
+"""Meshes, strategies (logical-axis rule tables) and the pmap baseline."""

@@ -1,0 +1,166 @@
+"""The `vqkd` command: one stage per subcommand, configs from files with command-line overrides.
+
+  vqkd train    --config configs/demo/vqkd.py[:arg] --workdir DIR [--config.a.b=value ...]
+  vqkd evaluate --config ... --workdir DIR        evaluate the newest checkpoint of a stage
+  vqkd sample   --workdir DEMO_DIR [--labels 0,1] [--cfg 1.75] [--out grid.png]
+  vqkd bench    train|sample --config ... [--steps N]
+  vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
+  vqkd data     prepare [--image_size 32] | convert-folder SRC OUT --name NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vqkd_jax.config import ConfigError, load_config_with_overrides
+
+DEFAULT_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "configs", "demo", "demo.py")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=value` (or `--config.a.b value`) overrides from other arguments."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"override {arg} has no value")
+        body, i = f"{body}={argv[i + 1]}", i + 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="vqkd", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train one stage")
+  t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  t.add_argument("--workdir", required=True)
+
+  e = sub.add_parser("evaluate", help="evaluate a stage's newest checkpoint")
+  e.add_argument("--config", required=True)
+  e.add_argument("--workdir", required=True)
+
+  s = sub.add_parser("sample", help="sample images from a demo work directory")
+  s.add_argument("--workdir", required=True, help="the demo's work directory")
+  s.add_argument("--labels", default="", help="comma-separated class ids (default: every class)")
+  s.add_argument("--per_label", type=int, default=8)
+  s.add_argument("--cfg", type=float, default=1.75)
+  s.add_argument("--temperature", type=float, default=1.0)
+  s.add_argument("--top_k", type=int, default=0)
+  s.add_argument("--top_p", type=float, default=1.0)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--out", default=None, help="PNG path (default: <workdir>/samples.png)")
+
+  b = sub.add_parser("bench", help="time a stage's training step or sampling")
+  b.add_argument("what", choices=["train", "sample"])
+  b.add_argument("--config", required=True)
+  b.add_argument("--steps", type=int, default=20)
+  b.add_argument("--peak_tflops", type=float, default=780.0,
+                 help="measured bf16 peak per device for MFU (H100: ~780)")
+
+  d = sub.add_parser("demo", help="the walking skeleton on the built-in dataset, stage by stage")
+  d.add_argument("--workdir", default="runs/demo")
+  d.add_argument("--config", default=DEFAULT_DEMO_CONFIG)
+
+  dt = sub.add_parser("data", help="prepare or convert datasets")
+  dsub = dt.add_subparsers(dest="data_command", required=True)
+  prep = dsub.add_parser("prepare", help="prepare the built-in dataset")
+  prep.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
+  prep.add_argument("--image_size", type=int, default=32)
+  conv = dsub.add_parser("convert-folder", help="folder of class subfolders -> ArrayRecord")
+  conv.add_argument("src")
+  conv.add_argument("out")
+  conv.add_argument("--name", required=True)
+  conv.add_argument("--image_size", type=int, default=0)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "orbax", "etils", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+  except Exception:
+    pass
+  try:
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    return _run(args, overrides)
+  except ConfigError as e:
+    print(f"vqkd: error: {e}", file=sys.stderr)
+    return 2
+  except FileNotFoundError as e:
+    print(f"vqkd: error: {e}", file=sys.stderr)
+    return 2
+  except Exception as e:  # Known failure kinds get one line; others keep their traceback.
+    from vqkd_jax.train.checkpoint import CheckpointError
+    from vqkd_jax.train.loop import NonFiniteLossError
+    if isinstance(e, (CheckpointError, NonFiniteLossError)):
+      print(f"vqkd: error: {e}", file=sys.stderr)
+      return 1
+    raise
+
+
+def _run(args, overrides: list[str]) -> int:
+  if args.command == "train":
+    config = load_config_with_overrides(args.config, overrides)
+    from vqkd_jax.train.loop import train
+    train(config, args.workdir)
+    return 0
+  if args.command == "evaluate":
+    config = load_config_with_overrides(args.config, overrides)
+    from vqkd_jax.train.evaluate import evaluate_workdir
+    metrics = evaluate_workdir(config, args.workdir)
+    for k, v in metrics.items():
+      print(f"{k}: {v}")
+    return 0
+  if args.command == "sample":
+    from vqkd_jax.api import Generator
+    from vqkd_jax.evaluation.images import save_grid
+    gen = Generator.from_workdir(args.workdir)
+    labels = ([int(x) for x in args.labels.split(",")] if args.labels
+              else list(range(gen.num_classes)))
+    labels = [l for l in labels for _ in range(args.per_label)]
+    images = gen.sample(labels, cfg_scale=args.cfg, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = args.out or os.path.join(args.workdir, "samples.png")
+    save_grid(images, out, ncols=args.per_label)
+    print(f"wrote {len(images)} samples to {out}")
+    return 0
+  if args.command == "bench":
+    config = load_config_with_overrides(args.config, overrides)
+    from vqkd_jax import bench
+    bench.main(args.what, config, steps=args.steps, peak_tflops=args.peak_tflops)
+    return 0
+  if args.command == "demo":
+    from vqkd_jax import demo
+    return demo.run(args.workdir, args.config, overrides)
+  if args.command == "data":
+    if args.data_command == "prepare":
+      from vqkd_jax.data.shapes_builder import prepare_main
+      prepare_main(args.data_dir, args.image_size)
+      return 0
+    from vqkd_jax.data.image_folder import convert_image_folder
+    summary = convert_image_folder(args.src, args.out, args.name, image_size=args.image_size or None)
+    print(summary)
+    return 0
+  raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

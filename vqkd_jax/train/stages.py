@@ -1,0 +1,20 @@
+"""Stage name (config.stage) -> the module that builds its Objective via `make_objective`."""
+
+from __future__ import annotations
+
+import importlib
+
+STAGES = {
+    "teacher": "vqkd_jax.train.teacher",            # in-the-box supervised ViT teacher
+    "evaluator": "vqkd_jax.train.evaluator",        # evaluator network for FD_eval
+    "vqkd": "vqkd_jax.train.vqkd",                  # VQ-KD tokenizer distilled from a teacher
+    "pixel_decoder": "vqkd_jax.train.pixel_decoder",  # pixels from frozen codes
+    "ar": "vqkd_jax.train.ar",                      # class-conditional AR proposal network
+}
+
+
+def make_objective(config, *, workdir: str, axis_name: str | None):
+  if config.stage not in STAGES:
+    raise ValueError(f"unknown stage {config.stage!r}; stages: {', '.join(STAGES)}")
+  module = importlib.import_module(STAGES[config.stage])
+  return module.make_objective(config, workdir=workdir, axis_name=axis_name)
