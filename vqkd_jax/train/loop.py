@@ -76,94 +76,16 @@ def train(config, workdir: str, objective: Objective | None = None,
       [metric_writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
        metric_writers.TensorBoardWriter(os.path.join(workdir, "tensorboard"))] if is_main else [])
 
-  # ------------------------------------------------------------------ Mesh
-  strategy = get_strategy(config.parallel.strategy)
-  mesh_shape = dict(strategy.default_mesh)
-  mesh_shape.update({k: v for k, v in config.parallel.mesh.items() if v is not None})
-  mesh = mesh_lib.make_mesh(mesh_shape if not strategy.uses_pmap else
-                            {"data": -1, "fsdp": 1, "tensor": 1})
-  axis_name = "batch" if strategy.uses_pmap else None
-  log.info("mesh %s, strategy %s", dict(mesh.shape), strategy.name)
-
   # ------------------------------------------------------------------ Input pipeline
   data_iter = inputs_lib.make_train_input(config)
-  if config.batch_size % (jax.device_count() if strategy.uses_pmap else 1):
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.device_count()} devices")
 
-  # ------------------------------------------------------------------ Objective and optimizer
-  if objective is None:
-    from vqkd_jax.train import stages
-    objective = stages.make_objective(config, workdir=workdir, axis_name=axis_name)
-  tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-
-  # ------------------------------------------------------------------ Training state, sharded
-  example = inputs_lib.example_batch(config)
-  rng = jax.random.PRNGKey(config.seed)
-
-  def init_state(rng):
-    variables = objective.init(jax.random.fold_in(rng, 0), example)
-    return TrainState.create(nn.unbox(variables), tx, rng)
-
-  abstract_vars = jax.eval_shape(lambda r: objective.init(jax.random.fold_in(r, 0), example), rng)
-  abstract_state = jax.eval_shape(init_state, rng)
-  if strategy.uses_pmap:
-    state_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
-  else:
-    state_shardings = _state_shardings(abstract_vars, abstract_state, tx, mesh, strategy)
-  report = mesh_lib.sharding_report(state_shardings.params, abstract_state.params)
-  log.info("parameters: %.2f MB, %.0f%% sharded", report["bytes"] / 1e6,
-           100 * report["sharded_fraction"])
-
-  # ------------------------------------------------------------------ Checkpoint restore
+  # ------------------------------------------------------------------ Mesh, objective, sharded state
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state, data_state, step = checkpointer.restore(
-        ckpt_lib.abstract_like(abstract_state, state_shardings))
-    data_iter.set_state(data_state)
-    log.info("resumed from step %d", step)
-  else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-  frozen = objective.frozen
-
-  # ------------------------------------------------------------------ Update step
-  def update(state: TrainState, batch: dict, frozen: Any):
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name:
-      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
-
-    def loss_fn(params):
-      return objective.loss(params, state.model_state, frozen, batch, step_rng, True)
-
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if axis_name:
-      grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state, model_state=model_state)
-    # A non-finite loss leaves the state as it was (the host then stops with an error).
-    finite = jnp.isfinite(loss)
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   learning_rate=schedule(state.step))
-    return new, metrics
-
-  if strategy.uses_pmap:
-    devices = jax.local_devices()
-    update_fn = jax.pmap(update, axis_name=axis_name, donate_argnums=(0,))
-    state = jax.device_put_replicated(jax.device_get(state), devices)
-    frozen = jax.device_put_replicated(frozen, devices) if frozen is not None else None
-    put_batch = lambda b: jax.tree.map(
-        lambda x: x.reshape((len(devices), -1) + x.shape[1:]), b)
-    host_state = lambda s: jax.tree.map(lambda x: x[0], s)
-  else:
-    frozen_sharding = mesh_lib.replicated(mesh)
-    frozen = jax.device_put(frozen, frozen_sharding) if frozen is not None else None
-    update_fn = jax.jit(update, donate_argnums=(0,),
-                        out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    put_batch = lambda b: inputs_lib.to_global_batch(b, batch_sharding)
-    host_state = lambda s: s
+  t = setup(config, workdir, objective, checkpointer=checkpointer, data_iter=data_iter)
+  state, frozen, update_fn, put_batch, host_state = (
+      t.state, t.frozen, t.update_fn, t.put_batch, t.host_state)
+  objective, mesh = t.objective, t.mesh
 
   # ------------------------------------------------------------------ Loop
   step = int(jax.device_get(host_state(state).step))
@@ -228,6 +150,113 @@ def train(config, workdir: str, objective: Objective | None = None,
     signal.signal(signal.SIGTERM, old_handler) if old_handler is not None else None
   return TrainResult(state=host_state(state), history=history, workdir=workdir,
                      steps_run=step - first_step)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything the loop (or a benchmark) needs to run update steps."""
+  mesh: Any
+  objective: Objective
+  state: Any            # device state (replicated per device under pmap)
+  frozen: Any
+  update_fn: Any        # (state, global batch, frozen) -> (state, metrics); donates state
+  put_batch: Any        # per-process numpy batch -> what update_fn takes
+  host_state: Any       # device state -> one copy (unreplicates under pmap)
+  schedule: Any
+
+
+def setup(config, workdir: str | None = None, objective: Objective | None = None,
+          checkpointer: ckpt_lib.Checkpointer | None = None, data_iter=None) -> Trainer:
+  """Builds the mesh, the objective, the optimizer, the sharded state (restored from `checkpointer`
+  when it holds a checkpoint, together with `data_iter`'s position) and the jitted update."""
+  # ------------------------------------------------------------------ Mesh
+  strategy = get_strategy(config.parallel.strategy)
+  mesh_shape = dict(strategy.default_mesh)
+  mesh_shape.update({k: v for k, v in config.parallel.mesh.items() if v is not None})
+  mesh = mesh_lib.make_mesh(mesh_shape if not strategy.uses_pmap else
+                            {"data": -1, "fsdp": 1, "tensor": 1})
+  axis_name = "batch" if strategy.uses_pmap else None
+  log.info("mesh %s, strategy %s", dict(mesh.shape), strategy.name)
+
+  if config.batch_size % (jax.device_count() if strategy.uses_pmap else 1):
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.device_count()} devices")
+
+  # ------------------------------------------------------------------ Objective and optimizer
+  if objective is None:
+    from vqkd_jax.train import stages
+    objective = stages.make_objective(config, workdir=workdir, axis_name=axis_name)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+
+  # ------------------------------------------------------------------ Training state, sharded
+  example = inputs_lib.example_batch(config)
+  rng = jax.random.PRNGKey(config.seed)
+
+  def init_state(rng):
+    variables = objective.init(jax.random.fold_in(rng, 0), example)
+    return TrainState.create(nn.unbox(variables), tx, rng)
+
+  abstract_vars = jax.eval_shape(lambda r: objective.init(jax.random.fold_in(r, 0), example), rng)
+  abstract_state = jax.eval_shape(init_state, rng)
+  if strategy.uses_pmap:
+    state_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+  else:
+    state_shardings = _state_shardings(abstract_vars, abstract_state, tx, mesh, strategy)
+  report = mesh_lib.sharding_report(state_shardings.params, abstract_state.params)
+  log.info("parameters: %.2f MB, %.0f%% sharded", report["bytes"] / 1e6,
+           100 * report["sharded_fraction"])
+
+  # ------------------------------------------------------------------ Checkpoint restore
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    state, data_state, step = checkpointer.restore(
+        ckpt_lib.abstract_like(abstract_state, state_shardings))
+    if data_iter is not None:
+      data_iter.set_state(data_state)
+    log.info("resumed from step %d", step)
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+  frozen = objective.frozen
+
+  # ------------------------------------------------------------------ Update step
+  def update(state: TrainState, batch: dict, frozen: Any):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name:
+      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+      return objective.loss(params, state.model_state, frozen, batch, step_rng, True)
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name:
+      grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state, model_state=model_state)
+    # A non-finite loss leaves the state as it was (the host then stops with an error).
+    finite = jnp.isfinite(loss)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(state.step))
+    return new, metrics
+
+  if strategy.uses_pmap:
+    devices = jax.local_devices()
+    update_fn = jax.pmap(update, axis_name=axis_name, donate_argnums=(0,))
+    state = jax.device_put_replicated(jax.device_get(state), devices)
+    frozen = jax.device_put_replicated(frozen, devices) if frozen is not None else None
+    put_batch = lambda b: jax.tree.map(
+        lambda x: x.reshape((len(devices), -1) + x.shape[1:]), b)
+    host_state = lambda s: jax.tree.map(lambda x: x[0], s)
+  else:
+    frozen_sharding = mesh_lib.replicated(mesh)
+    frozen = jax.device_put(frozen, frozen_sharding) if frozen is not None else None
+    update_fn = jax.jit(update, donate_argnums=(0,),
+                        out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    put_batch = lambda b: inputs_lib.to_global_batch(b, batch_sharding)
+    host_state = lambda s: s
+
+  return Trainer(mesh=mesh, objective=objective, state=state, frozen=frozen, update_fn=update_fn,
+                 put_batch=put_batch, host_state=host_state, schedule=schedule)
 
 
 def _state_shardings(abstract_vars, abstract_state, tx, mesh, strategy):

@@ -1,0 +1,29 @@
+# One virtual environment (.venv) built from pyproject.toml with the pinned constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_WORKDIR ?= runs/demo
+
+.PHONY: setup demo test test-slow clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[data,hf,test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: the walking skeleton on the built-in dataset (about 10 minutes on 2 CPU cores).
+demo: setup
+	$(VENV)/bin/vqkd demo --workdir $(DEMO_WORKDIR)
+
+# The test suite (slow tests excluded; `make test-slow` runs them).
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-slow: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
+
+clean:
+	rm -rf $(VENV) runs
