@@ -12,8 +12,8 @@ def make_train_input(config):
   config.data.synthetic=True gives random batches without tfds or grain (benchmarks)."""
   d = config.data
   if d.synthetic:
-    from vqkd_jax.data.pipeline import synthetic_iterator
-    return synthetic_iterator(config.batch_size, d.image_size, d.num_classes, config.seed)
+    return SyntheticIterator(config.batch_size // jax.process_count(), d.image_size,
+                             d.num_classes, config.seed + jax.process_index())
   from vqkd_jax.data.pipeline import load_dataset, make_train_iterator
   splits, _ = load_dataset(d.name, d.data_dir, d.image_size)
   return make_train_iterator(
@@ -25,13 +25,39 @@ def make_eval_input(config, split: str = "validation", batch_size: int | None = 
   """Deterministic evaluation batches with a `mask` for the padding of the last batch."""
   d = config.data
   if d.synthetic:
-    from vqkd_jax.data.pipeline import synthetic_iterator
-    it = synthetic_iterator(batch_size or config.batch_size, d.image_size, d.num_classes, 1)
-    return (dict(next(it), mask=np.ones(batch_size or config.batch_size, bool)) for _ in range(2))
+    n = batch_size or config.batch_size
+    it = SyntheticIterator(n, d.image_size, d.num_classes, seed=1)
+    return (dict(next(it), mask=np.ones(n, bool)) for _ in range(2))
   from vqkd_jax.data.pipeline import load_dataset, make_eval_iterator
   splits, _ = load_dataset(d.name, d.data_dir, d.image_size)
   return make_eval_iterator(splits[split], global_batch_size=batch_size or config.batch_size,
                             image_size=d.image_size)
+
+
+class SyntheticIterator:
+  """Random uint8 images and labels, seeded per batch index; needs neither tfds nor grain
+  (benchmarks, and machines without the data packages). Checkpointable like the real iterators."""
+
+  def __init__(self, batch_size: int, image_size: int, num_classes: int, seed: int):
+    self.batch_size, self.image_size, self.num_classes, self.seed = (
+        batch_size, image_size, num_classes, seed)
+    self.index = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    rng = np.random.default_rng([self.seed, self.index])
+    self.index += 1
+    s = self.image_size
+    return {"image": rng.integers(0, 256, (self.batch_size, s, s, 3), dtype=np.uint8),
+            "label": rng.integers(0, self.num_classes, (self.batch_size,), dtype=np.int32)}
+
+  def get_state(self) -> dict:
+    return {"index": self.index}
+
+  def set_state(self, state: dict) -> None:
+    self.index = int(state["index"])
 
 
 def example_batch(config, batch_size: int = 2) -> dict:

@@ -1,0 +1,96 @@
+"""Stage d: a class-conditional autoregressive transformer over [class] + image tokens.
+
+Image tokens come from the frozen tokenizer on the fly. Vocabulary (upstream §5.1): classes
+[0, C), the null class C (class dropout, p = config.class_dropout, for classifier-free guidance),
+image token t -> C + 1 + t. Loss: next-token cross-entropy over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqkd_jax.proposal import ar as ar_lib
+from vqkd_jax.train import vqkd as vqkd_stage
+from vqkd_jax.train.common import compute_dtype, to_unit_range, variables
+from vqkd_jax.train.objective import EvalContext, Objective
+
+
+def token_grid(tokenizer, tokenizer_vars, image_size: int) -> tuple[int, int]:
+  shape = jax.eval_shape(
+      lambda v, x: tokenizer.apply(v, x, method="encode"), tokenizer_vars,
+      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)).shape
+  return shape[1], shape[2]
+
+
+def build_model(model_cfg, *, num_classes: int, codebook_size: int, num_image_tokens: int,
+                precision: str = "float32") -> ar_lib.ARTransformer:
+  return ar_lib.ARTransformer(vocab_size=num_classes + 1 + codebook_size,
+                              seq_len=1 + num_image_tokens, **dict(model_cfg),
+                              dtype=compute_dtype(precision))
+
+
+def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
+  tokenizer, tokenizer_vars = vqkd_stage.load_tokenizer(config.tokenizer_workdir, config.precision)
+  h, w = token_grid(tokenizer, tokenizer_vars, config.data.image_size)
+  num_classes, codebook_size = config.data.num_classes, tokenizer.num_codes
+  model = build_model(config.model, num_classes=num_classes, codebook_size=codebook_size,
+                      num_image_tokens=h * w, precision=config.precision)
+
+  def image_tokens(tok_vars, images_uint8):
+    idx = tokenizer.apply(tok_vars, to_unit_range(images_uint8), method="encode")
+    return idx.reshape(idx.shape[0], -1)
+
+  def init(rng, batch):
+    return model.init(rng, jnp.zeros((batch["image"].shape[0], 1 + h * w), jnp.int32), train=False)
+
+  def loss(params, model_state, frozen, batch, rng, train):
+    tokens = image_tokens(frozen["tokenizer"], batch["image"])
+    seq = ar_lib.make_sequence(batch["label"], tokens, num_classes,
+                               config.class_dropout if train else 0.0, rng)
+    logits = model.apply(variables(params, model_state), seq, train=train,
+                         rngs={"dropout": jax.random.fold_in(rng, 1)})
+    ce = ar_lib.next_token_loss(logits, seq)
+    return ce, ({"ce": ce, "perplexity": jnp.exp(ce)}, model_state)
+
+  def evaluate(ctx: EvalContext) -> dict:
+    return {"perplexity": validation_perplexity(
+        config, model, variables(ctx.params, ctx.model_state),
+        lambda images: image_tokens(ctx.frozen["tokenizer"], images), num_classes)}
+
+  return Objective(init=init, loss=loss, frozen={"tokenizer": tokenizer_vars}, evaluate=evaluate)
+
+
+def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int) -> float:
+  """exp(mean cross-entropy of the image tokens of the validation split, teacher-forced with the
+  true class): the paper's PPL."""
+  from vqkd_jax.train.evaluate import map_split
+
+  @jax.jit
+  def fn(batch):
+    seq = ar_lib.make_sequence(batch["label"], tokens_fn(batch["image"]), num_classes, 0.0,
+                               jax.random.PRNGKey(0))
+    logits = model.apply(model_vars, seq, train=False).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, seq[:, 1:, None], axis=-1)[..., 0]
+    return {"nll_sum": nll.sum(-1), "count": jnp.full(nll.shape[:1], nll.shape[1])}
+
+  res = map_split(config, fn)
+  return float(np.exp(res["nll_sum"].sum() / res["count"].sum()))
+
+
+def load_ar(workdir: str, precision: str = "float32"):
+  """(module, variables, info) of a trained AR stage; info has num_classes, codebook_size, grid."""
+  from vqkd_jax.train.loop import load_trained
+
+  trained = load_trained(workdir)
+  cfg = trained["config"]
+  tokenizer, tokenizer_vars = vqkd_stage.load_tokenizer(cfg["tokenizer_workdir"], precision)
+  h, w = token_grid(tokenizer, tokenizer_vars, cfg["data"]["image_size"])
+  info = {"num_classes": cfg["data"]["num_classes"], "codebook_size": tokenizer.num_codes,
+          "grid": (h, w), "tokenizer_workdir": cfg["tokenizer_workdir"]}
+  model = build_model(cfg["model"], num_classes=info["num_classes"],
+                      codebook_size=info["codebook_size"], num_image_tokens=h * w,
+                      precision=precision)
+  return model, variables(trained["params"], trained["model_state"]), info
