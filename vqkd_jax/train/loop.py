@@ -6,7 +6,8 @@ checkpoint restore, update step, loop. Common config fields:
   stage, seed, total_steps, batch_size (global), precision ("float32" | "bfloat16"),
   data: name, data_dir, image_size, augmentation, synthetic
   optimizer: see train/optimizers.py
-  parallel: strategy ("pmap" | "dp" | "fsdp" | "tp" | "fsdp_tp"), mesh (data/fsdp/tensor sizes; one -1)
+  parallel: strategy ("pmap" | "dp" | "fsdp" | "tp" | "fsdp_tp"), mesh (data/fsdp/tensor sizes; one
+    -1), num_devices (0 = all; fewer for scaling studies and tests)
   log_every, eval_every, checkpoint_every, keep_checkpoints
 """
 
@@ -173,13 +174,14 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
   strategy = get_strategy(config.parallel.strategy)
   mesh_shape = dict(strategy.default_mesh)
   mesh_shape.update({k: v for k, v in config.parallel.mesh.items() if v is not None})
+  devices = jax.devices()[:config.parallel.num_devices or None]
   mesh = mesh_lib.make_mesh(mesh_shape if not strategy.uses_pmap else
-                            {"data": -1, "fsdp": 1, "tensor": 1})
+                            {"data": -1, "fsdp": 1, "tensor": 1}, devices)
   axis_name = "batch" if strategy.uses_pmap else None
   log.info("mesh %s, strategy %s", dict(mesh.shape), strategy.name)
 
-  if config.batch_size % (jax.device_count() if strategy.uses_pmap else 1):
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.device_count()} devices")
+  if config.batch_size % len(devices):
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by {len(devices)} devices")
 
   # ------------------------------------------------------------------ Objective and optimizer
   if objective is None:
@@ -239,8 +241,8 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
     return new, metrics
 
   if strategy.uses_pmap:
-    devices = jax.local_devices()
-    update_fn = jax.pmap(update, axis_name=axis_name, donate_argnums=(0,))
+    devices = [d for d in devices if d.process_index == jax.process_index()]
+    update_fn = jax.pmap(update, axis_name=axis_name, donate_argnums=(0,), devices=devices)
     state = jax.device_put_replicated(jax.device_get(state), devices)
     frozen = jax.device_put_replicated(frozen, devices) if frozen is not None else None
     put_batch = lambda b: jax.tree.map(
