@@ -126,7 +126,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   ckpts = tmp_path / "victim" / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline:  # Kill once a mid-run checkpoint has been committed.
-    steps = [int(p) for p in os.listdir(ckpts)] if ckpts.exists() else []
+    steps = [int(p) for p in os.listdir(ckpts) if p.isdigit()] if ckpts.exists() else []
     if any(10 <= s < 40 for s in steps):
       break
     time.sleep(0.05)

@@ -90,7 +90,8 @@ class CosineCodebook(nn.Module):
     self.initialized = self.variable("codebook", "initialized", lambda: jnp.array(False))
 
   def _sum(self, x):
-    return jax.lax.psum(x, self.axis_name) if self.axis_name else x
+    # Init runs outside pmap: no axis to sum over there.
+    return jax.lax.psum(x, self.axis_name) if self.axis_name and not self.is_initializing() else x
 
   def codes(self) -> jax.Array:
     """The current unit-norm codes [K, D]."""
@@ -108,9 +109,8 @@ class CosineCodebook(nn.Module):
     codes = self.codes()
     if train and not self.is_initializing():
       gathered = (jax.lax.all_gather(flat, self.axis_name, tiled=True) if self.axis_name else flat)
+      # Under pmap the caller passes the same key to every device: identical k-means everywhere.
       key = (self.make_rng("codebook") if self.has_rng("codebook") else jax.random.PRNGKey(0))
-      if self.axis_name:  # The same key on every device: identical k-means everywhere.
-        key = jax.lax.all_gather(key, self.axis_name)[0]
       codes = jax.lax.cond(
           self.initialized.value, lambda: codes,
           lambda: spherical_kmeans(jax.lax.stop_gradient(gathered), self.num_codes,
@@ -127,7 +127,7 @@ class CosineCodebook(nn.Module):
     z = codes[idx]
     counts = self._sum(jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, self.num_codes))
     commitment = jnp.mean(jnp.square(l2_normalize(z) - flat))
-    if self.axis_name:
+    if self.axis_name and not self.is_initializing():
       commitment = jax.lax.pmean(commitment, self.axis_name)
     quantized = flat + jax.lax.stop_gradient(z - flat)
     return {"quantized": quantized.reshape(*shape, self.code_dim).astype(x.dtype),

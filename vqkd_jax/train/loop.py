@@ -220,9 +220,9 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
 
   # ------------------------------------------------------------------ Update step
   def update(state: TrainState, batch: dict, frozen: Any):
+    # The same key on every device under pmap: k-means inits agree, and a pmap run draws what a
+    # jit run draws for the same batch positions within a shard.
     step_rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name:
-      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
       return objective.loss(params, state.model_state, frozen, batch, step_rng, True)
@@ -236,15 +236,16 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
     # A non-finite loss leaves the state as it was (the host then stops with an error).
     finite = jnp.isfinite(loss)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
     return new, metrics
 
   if strategy.uses_pmap:
     devices = [d for d in devices if d.process_index == jax.process_index()]
     update_fn = jax.pmap(update, axis_name=axis_name, donate_argnums=(0,), devices=devices)
-    state = jax.device_put_replicated(jax.device_get(state), devices)
-    frozen = jax.device_put_replicated(frozen, devices) if frozen is not None else None
+    replicate = _replicator(devices)
+    state = replicate(jax.device_get(state))
+    frozen = replicate(jax.device_get(frozen)) if frozen is not None else None
     put_batch = lambda b: jax.tree.map(
         lambda x: x.reshape((len(devices), -1) + x.shape[1:]), b)
     host_state = lambda s: jax.tree.map(lambda x: x[0], s)
@@ -259,6 +260,13 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
 
   return Trainer(mesh=mesh, objective=objective, state=state, frozen=frozen, update_fn=update_fn,
                  put_batch=put_batch, host_state=host_state, schedule=schedule)
+
+
+def _replicator(devices):
+  """Host tree -> one copy per device, laid out for jax.pmap over `devices`."""
+  place = jax.pmap(lambda x: x, devices=devices)
+  n = len(devices)
+  return lambda tree: place(jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), tree))
 
 
 def _state_shardings(abstract_vars, abstract_state, tx, mesh, strategy):
@@ -293,9 +301,15 @@ def load_trained(workdir: str, step: int | None = None) -> dict:
     if step is None:
       raise ckpt_lib.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train that stage first")
     import orbax.checkpoint as ocp
+    path = os.path.join(checkpointer.directory, str(step), "state")
     try:
-      restored = ocp.StandardCheckpointer().restore(
-          os.path.join(checkpointer.directory, str(step), "state"))
+      # A target on this process's first device: the checkpoint may come from any mesh.
+      meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+      meta = getattr(meta, "tree", meta)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
+                            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+      restored = ocp.StandardCheckpointer().restore(path, target)
     except Exception as e:
       raise ckpt_lib.CheckpointError(
           f"cannot read checkpoint {workdir}/checkpoints/{step}: {type(e).__name__}: {e}") from e
