@@ -3,7 +3,7 @@
   vqkd train    --config configs/demo/vqkd.py[:arg] --workdir DIR [--config.a.b=value ...]
   vqkd evaluate --config ... --workdir DIR        evaluate the newest checkpoint of a stage
   vqkd sample   --workdir DEMO_DIR [--labels 0,1] [--cfg 1.75] [--out grid.png]
-  vqkd bench    train|sample --config ... [--steps N]
+  vqkd bench    train|sample|pipeline --config ... [--steps N]
   vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
   vqkd data     prepare [--image_size 32] | convert-folder SRC OUT --name NAME
 """
@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--out", default=None, help="PNG path (default: <workdir>/samples.png)")
 
   b = sub.add_parser("bench", help="time a stage's training step or sampling")
-  b.add_argument("what", choices=["train", "sample"])
+  b.add_argument("what", choices=["train", "sample", "pipeline"],
+                 help="train: one stage's update step; sample: AR sampling; pipeline: every stage "
+                 "of a demo config for --steps steps on synthetic data")
   b.add_argument("--config", required=True)
   b.add_argument("--steps", type=int, default=20)
   b.add_argument("--peak_tflops", type=float, default=780.0,

@@ -15,6 +15,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32)
   c = training_config("evaluator", total_steps=8 if arg.runlocal else 800, batch_size=64)
   c.data.image_size = arg.image_size
+  c.data.name = "shapes_small" if arg.runlocal else "shapes"
   c.model = ml_collections.ConfigDict(dict(num_classes=12, width=32))
   c.optimizer = optimizer_config(lr=2e-3, weight_decay=1e-4, warmup_steps=50, end_lr=1e-5)
   c.log_every = 4 if arg.runlocal else 100

@@ -16,6 +16,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32)
   c = training_config("pixel_decoder", total_steps=8 if arg.runlocal else 800, batch_size=64)
   c.data.image_size = arg.image_size
+  c.data.name = "shapes_small" if arg.runlocal else "shapes"
   c.tokenizer_workdir = ""
   c.model = ml_collections.ConfigDict(dict(
       code_dim=32, width=64, channel_mults=(2, 1, 1), num_res_blocks=1))

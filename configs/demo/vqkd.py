@@ -18,6 +18,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32)
   c = training_config("vqkd", total_steps=8 if arg.runlocal else 1000, batch_size=64)
   c.data.image_size = arg.image_size
+  c.data.name = "shapes_small" if arg.runlocal else "shapes"
   c.teacher = ml_collections.ConfigDict(dict(kind="in_the_box_vit", workdir=""))
   c.model = ml_collections.ConfigDict(dict(
       image_size=arg.image_size, patch_size=4, width=96, depth=4, num_heads=4, conv_stem=True,

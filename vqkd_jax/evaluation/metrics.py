@@ -1,31 +1,98 @@
-"""Host-side metrics (numpy): reconstruction quality and codebook statistics."""
+"""Host-side metrics (numpy): reconstruction quality, codebook statistics, perplexity, accuracy.
+
+All functions take numpy (or jax) arrays, compute in float64 on the host and return Python floats.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def psnr(a_uint8: np.ndarray, b_uint8: np.ndarray) -> float:
-  """Mean over images of -10 log10(MSE) with pixels in [0, 1] (uint8 / 255), in dB."""
-  a = np.asarray(a_uint8, np.float64) / 255.0
-  b = np.asarray(b_uint8, np.float64) / 255.0
+def _as_pixels(x, name: str) -> np.ndarray:
+  x = np.asarray(x)
+  if not np.issubdtype(x.dtype, np.integer):
+    raise TypeError(f"{name} must be integer pixels in [0, 255] (uint8), got {x.dtype}; "
+                    "convert images in [-1, 1] with evaluation.images.to_uint8 first")
+  return x.astype(np.float64) / 255.0
+
+
+def psnr_per_image(a_uint8, b_uint8, max_db: float = 100.0) -> np.ndarray:
+  """PSNR of each image pair, in dB: -10 log10(MSE) with pixels in [0, 1] (uint8 / 255).
+
+  a, b: uint8 [N, ...] (e.g. [N, H, W, 3]). Identical images (MSE 0) get `max_db`.
+  """
+  a, b = _as_pixels(a_uint8, "a"), _as_pixels(b_uint8, "b")
+  if a.shape != b.shape:
+    raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+  if a.ndim < 2:
+    raise ValueError(f"expected a batch of images [N, ...], got shape {a.shape}")
   mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
-  return float(np.mean(-10 * np.log10(np.maximum(mse, 1e-12))))
+  with np.errstate(divide="ignore"):
+    db = -10.0 * np.log10(mse)
+  return np.minimum(db, max_db)
 
 
-def codebook_usage(counts: np.ndarray) -> float:
-  """Fraction of codes used at least once (counts: [K] histogram)."""
-  counts = np.asarray(counts)
-  return float(np.mean(counts > 0))
+def psnr(a_uint8, b_uint8, max_db: float = 100.0) -> float:
+  """Mean over images of the per-image PSNR (see psnr_per_image), in dB."""
+  return float(np.mean(psnr_per_image(a_uint8, b_uint8, max_db)))
 
 
-def code_entropy(counts: np.ndarray) -> float:
-  """Shannon entropy of the code histogram, in nats (upstream's "codebook_ppl")."""
-  p = np.asarray(counts, np.float64)
-  p = p[p > 0] / p.sum()
+def _histogram(counts) -> np.ndarray:
+  c = np.asarray(counts, np.float64).reshape(-1)
+  if c.size == 0 or np.any(c < 0) or not np.all(np.isfinite(c)):
+    raise ValueError("counts must be a non-empty histogram of finite non-negative values")
+  return c
+
+
+def codebook_usage(counts) -> float:
+  """Fraction (in [0, 1], not %) of codes used at least once; counts: [K] histogram of code uses."""
+  return float(np.mean(_histogram(counts) >= 1))
+
+
+def code_entropy(counts) -> float:
+  """Shannon entropy of the code distribution counts / sum(counts), in nats (natural log).
+
+  (Upstream VQ-KD logs this quantity as "codebook_ppl".) Raises on an all-zero histogram.
+  """
+  c = _histogram(counts)
+  total = c.sum()
+  if total <= 0:
+    raise ValueError("empty histogram (all counts are zero)")
+  p = c[c > 0] / total
   return float(-(p * np.log(p)).sum())
 
 
-def code_perplexity(counts: np.ndarray) -> float:
-  """exp(entropy): the effective number of codes in use."""
+def code_perplexity(counts) -> float:
+  """exp(entropy in nats): the effective number of codes in use, in [1, K]."""
   return float(np.exp(code_entropy(counts)))
+
+
+def perplexity_from_nll(sum_nll, count) -> float:
+  """exp(sum_nll / count): perplexity from a summed negative log-likelihood in nats over `count`
+  predicted tokens (the paper's PPL of the proposal network)."""
+  count = float(count)
+  if count <= 0:
+    raise ValueError(f"count must be positive, got {count}")
+  return float(np.exp(float(sum_nll) / count))
+
+
+def classification_accuracy(predictions, labels, mask=None) -> float:
+  """Fraction (in [0, 1]) of correct predictions.
+
+  predictions: logits/scores [N, C] (argmax over the last axis is taken) or class ids [N].
+  labels: int [N]; mask: optional bool [N], False rows (padding) are ignored.
+  """
+  pred = np.asarray(predictions)
+  labels = np.asarray(labels).reshape(-1)
+  if pred.ndim == 2:
+    pred = np.argmax(pred, axis=-1)
+  pred = pred.reshape(-1)
+  if pred.shape != labels.shape:
+    raise ValueError(f"{pred.shape[0]} predictions for {labels.shape[0]} labels")
+  correct = pred == labels
+  if mask is not None:
+    mask = np.asarray(mask).astype(bool).reshape(-1)
+    correct = correct[mask]
+  if correct.size == 0:
+    raise ValueError("no examples to score")
+  return float(np.mean(correct))
