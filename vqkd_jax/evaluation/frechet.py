@@ -13,8 +13,9 @@ in float64. tr sqrtm(S1 S2) is the sum of the square roots of the eigenvalues of
 those of the symmetric positive semi-definite matrix L^T S2 L for any factor S1 = L L^T (Cholesky
 when S1 is positive definite, the symmetric square root otherwise). One Cholesky, one matrix
 product and one symmetric eigenvalue solve (no eigenvectors) replace scipy.linalg.sqrtm's Schur
-decomposition of a non-symmetric matrix: the result agrees with pytorch-fid's
-`calculate_frechet_distance` to ~1e-10 relative and is 10-30x faster on 2048-d statistics.
+decomposition of a non-symmetric matrix: on 2048-d statistics the result agrees with pytorch-fid's
+`calculate_frechet_distance` to ~1e-14 relative and takes ~1.3 s instead of ~11 s on one core of
+the development VM (tests/test_evaluation.py -m slow prints both).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The in-the-box supervised ViT teacher (for the built-in dataset).
 
 Outputs last-layer patch tokens after the final LayerNorm (what VQ-KD distils), pooled class logits
-and per-patch class logits. Training both heads (train/teacher.py) keeps the patch tokens spatially
-meaningful instead of collapsing to one pooled vector.
+and per-patch logits over the classes plus "background". Training the per-patch head on where the
+object is (train/teacher.py) keeps the patch tokens spatially meaningful: a classifier trained on its
+pooled output alone ends with nearly identical patch tokens (`miniature-study.md`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ Dtype = Any
 
 class SupervisedViT(nn.Module):
   """Images in [-1, 1] [B, H, W, 3] -> {"tokens" [B, N, width], "logits" [B, C],
-  "patch_logits" [B, N, C]}."""
+  "patch_logits" [B, N, C + 1]} (patch class C is "background")."""
   image_size: int
   patch_size: int
   width: int
@@ -36,6 +37,6 @@ class SupervisedViT(nn.Module):
     x = layer_norm("norm", self.dtype)(x)
     cls, tokens = x[:, 0], x[:, 1:]
     head = dense(self.num_classes, ("embed", "vocab"), "head", dtype=self.dtype)
-    patch_head = dense(self.num_classes, ("embed", "vocab"), "patch_head", dtype=self.dtype)
+    patch_head = dense(self.num_classes + 1, ("embed", "vocab"), "patch_head", dtype=self.dtype)
     return {"tokens": tokens.astype(jnp.float32), "logits": head(cls).astype(jnp.float32),
             "patch_logits": patch_head(tokens).astype(jnp.float32)}

@@ -35,7 +35,8 @@ def make_eval_input(config, split: str = "validation", batch_size: int | None = 
 
 
 class SyntheticIterator:
-  """Random uint8 images and labels, seeded per batch index; needs neither tfds nor grain
+  """Random uint8 images, labels and square segmentations (0 = background, label + 1 inside),
+  seeded per batch index; needs neither tfds nor grain
   (benchmarks, and machines without the data packages). Checkpointable like the real iterators."""
 
   def __init__(self, batch_size: int, image_size: int, num_classes: int, seed: int):
@@ -49,9 +50,14 @@ class SyntheticIterator:
   def __next__(self) -> dict:
     rng = np.random.default_rng([self.seed, self.index])
     self.index += 1
-    s = self.image_size
-    return {"image": rng.integers(0, 256, (self.batch_size, s, s, 3), dtype=np.uint8),
-            "label": rng.integers(0, self.num_classes, (self.batch_size,), dtype=np.int32)}
+    s, b = self.image_size, self.batch_size
+    labels = rng.integers(0, self.num_classes, (b,), dtype=np.int32)
+    yy, xx = np.mgrid[:s, :s]
+    corner = rng.integers(0, s // 2, (b, 2))
+    inside = ((yy >= corner[:, :1, None]) & (yy < corner[:, :1, None] + s // 2) &
+              (xx >= corner[:, 1:, None]) & (xx < corner[:, 1:, None] + s // 2))
+    return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), "label": labels,
+            "segmentation": np.where(inside, labels[:, None, None] + 1, 0).astype(np.uint8)}
 
   def get_state(self) -> dict:
     return {"index": self.index}
@@ -64,7 +70,8 @@ def example_batch(config, batch_size: int = 2) -> dict:
   """A zero batch with the shapes and dtypes of real ones (for model init)."""
   s = config.data.image_size
   return {"image": np.zeros((batch_size, s, s, 3), np.uint8),
-          "label": np.zeros((batch_size,), np.int32)}
+          "label": np.zeros((batch_size,), np.int32),
+          "segmentation": np.zeros((batch_size, s, s), np.uint8)}
 
 
 def to_global_batch(batch: dict, sharding) -> dict:

@@ -190,7 +190,9 @@ def encode_event(wall_time: float, step: int, *, file_version: str | None = None
                  session_start: bool = False) -> bytes:
   """An Event proto (wire format). Exactly one of file_version, scalars/summary_values (encoded
   Summary.Value messages) and session_start should be given (they are a oneof)."""
-  msg = _key(1, 1) + struct.pack("<d", float(wall_time)) + _varint_field(2, int(step))
+  msg = _key(1, 1) + struct.pack("<d", float(wall_time))
+  if int(step):  # proto3 leaves default values out; readers take a missing step as 0
+    msg += _varint_field(2, int(step))
   if file_version is not None:
     msg += _bytes_field(3, file_version.encode("utf-8"))
   values = [_scalar_value(tag, v) for tag, v in (scalars or {}).items()] + list(summary_values)
@@ -241,10 +243,12 @@ class TensorBoardWriter:
       data = f.read()
     with Image.open(io.BytesIO(data)) as im:
       width, height = im.size
-      colorspace = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(im.mode)
+      colorspaces = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
+      colorspace = colorspaces.get(im.mode)
       if im.format not in ("PNG", "JPEG", "GIF") or colorspace is None:
-        im = im.convert("RGBA" if "A" in im.mode else "RGB")
-        colorspace = 4 if im.mode == "RGBA" else 3
+        if colorspace is None:
+          im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+        colorspace = colorspaces[im.mode]
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         data = buf.getvalue()

@@ -1,9 +1,11 @@
 """Stage a: the in-the-box supervised ViT teacher.
 
 A ViT (convolutional stem) trained on the built-in dataset with two cross-entropies: on its pooled
-logits, and on per-patch logits (every patch token must predict the image's class). The per-patch term
-keeps the patch tokens spatially meaningful: a classifier trained only on mean-pooled tokens ends with
-nearly identical patch tokens, a useless distillation target (`miniature-study.md`).
+class logits, and on per-patch logits against the dataset's segmentation (a patch mostly covered by
+the object -> the object's class, otherwise "background"). The dense term keeps the patch tokens
+spatially meaningful: trained on the pooled logits alone, or with every patch predicting the image's
+class, the tokens of an image become nearly identical (measured: mean cosine similarity 0.975), a
+useless distillation target (`miniature-study.md`). eval/token_similarity reports this.
 """
 
 from __future__ import annotations
@@ -22,11 +24,21 @@ def build_model(model_cfg, precision: str = "float32") -> SupervisedViT:
   return SupervisedViT(**dict(model_cfg), dtype=compute_dtype(precision))
 
 
-def classification_losses(out: dict, labels: jax.Array, patch_weight: float):
-  """(total loss, metrics) from pooled and per-patch logits."""
+def patch_targets(segmentation: jax.Array, grid: int, num_classes: int) -> jax.Array:
+  """Per-patch labels [B, grid*grid] from a segmentation [B, H, W] (0 = background, c + 1 = class c):
+  the class where the object covers at least half of the patch, else num_classes (background)."""
+  b, h, w = segmentation.shape
+  obj = (segmentation > 0).astype(jnp.float32).reshape(b, grid, h // grid, grid, w // grid)
+  cover = obj.mean(axis=(2, 4)).reshape(b, grid * grid)
+  cls = jnp.max(segmentation.reshape(b, -1), axis=-1).astype(jnp.int32) - 1
+  return jnp.where(cover >= 0.5, cls[:, None], num_classes)
+
+
+def classification_losses(out: dict, labels: jax.Array, patch_labels: jax.Array,
+                          patch_weight: float):
+  """(total loss, metrics) from pooled logits [B, C] and per-patch logits [B, N, C + 1]."""
   ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"].astype(jnp.float32), labels)
   patch_logits = out["patch_logits"].astype(jnp.float32)
-  patch_labels = jnp.broadcast_to(labels[:, None], patch_logits.shape[:2])
   patch_ce = optax.softmax_cross_entropy_with_integer_labels(patch_logits, patch_labels)
   acc = jnp.mean(jnp.argmax(out["logits"], -1) == labels)
   patch_acc = jnp.mean(jnp.argmax(patch_logits, -1) == patch_labels)
@@ -41,13 +53,17 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
   def init(rng, batch):
     return model.init(rng, to_unit_range(batch["image"]), train=False)
 
+  grid = config.model.image_size // config.model.patch_size
+
   def loss(params, model_state, frozen, batch, rng, train):
-    images = to_unit_range(batch["image"])
-    images = jnp.where(jax.random.bernoulli(rng, 0.5, (images.shape[0], 1, 1, 1)),
-                       images[:, :, ::-1], images)  # Horizontal flips keep shape and colour classes.
+    images, seg = to_unit_range(batch["image"]), batch["segmentation"]
+    flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+    images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    seg = jnp.where(flip[:, None, None], seg[:, :, ::-1], seg)  # Flips keep the classes.
     out = model.apply(variables(params, model_state), images, train=train,
                       rngs={"dropout": rng})
-    total, metrics = classification_losses(out, batch["label"], config.patch_loss_weight)
+    targets = patch_targets(seg, grid, config.model.num_classes)
+    total, metrics = classification_losses(out, batch["label"], targets, config.patch_loss_weight)
     return total, (metrics, model_state)
 
   def evaluate(ctx: EvalContext) -> dict:
