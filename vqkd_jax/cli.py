@@ -5,7 +5,8 @@
   vqkd sample   --workdir DEMO_DIR [--labels 0,1] [--cfg 1.75] [--out grid.png]
   vqkd bench    train|sample|pipeline --config ... [--steps N]
   vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
-  vqkd data     prepare [--image_size 32] | convert-folder SRC OUT --name NAME
+  vqkd data     prepare [--image_size 32] | prepare-imagenet --manual_dir DIR |
+                convert-folder SRC OUT --name NAME
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
   prep = dsub.add_parser("prepare", help="prepare the built-in dataset")
   prep.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
   prep.add_argument("--image_size", type=int, default=32)
+  inet = dsub.add_parser("prepare-imagenet", help="imagenet2012 from a tfds manual directory")
+  inet.add_argument("--manual_dir", required=True, help="holds ILSVRC2012_img_{train,val}.tar")
+  inet.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
   conv = dsub.add_parser("convert-folder", help="folder of class subfolders -> ArrayRecord")
   conv.add_argument("src")
   conv.add_argument("out")
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, overrides: list[str]) -> int:
+  if args.command in ("train", "evaluate", "bench", "demo"):
+    from vqkd_jax.parallel import distributed
+    distributed.initialize()  # Multi-process runs started by launch/ (no-op otherwise).
   if args.command == "train":
     config = load_config_with_overrides(args.config, overrides)
     from vqkd_jax.train.loop import train
@@ -156,6 +163,10 @@ def _run(args, overrides: list[str]) -> int:
     if args.data_command == "prepare":
       from vqkd_jax.data.shapes_builder import prepare_main
       prepare_main(args.data_dir, args.image_size)
+      return 0
+    if args.data_command == "prepare-imagenet":
+      from vqkd_jax.data.imagenet import prepare_imagenet
+      prepare_imagenet(args.data_dir, args.manual_dir)
       return 0
     from vqkd_jax.data.image_folder import convert_image_folder
     summary = convert_image_folder(args.src, args.out, args.name, image_size=args.image_size or None)
