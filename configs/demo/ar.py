@@ -15,7 +15,7 @@ from vqkd_jax.train.optimizers import optimizer_config
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32, variant="gpt2")
-  c = training_config("ar", total_steps=8 if arg.runlocal else 1200, batch_size=64)
+  c = training_config("ar", total_steps=8 if arg.runlocal else 1000, batch_size=64)
   c.data.image_size = arg.image_size
   c.data.name = "shapes_small" if arg.runlocal else "shapes"
   c.tokenizer_workdir = ""

@@ -14,12 +14,12 @@ from vqkd_jax.train.optimizers import optimizer_config
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32)
-  c = training_config("pixel_decoder", total_steps=8 if arg.runlocal else 600, batch_size=64)
+  c = training_config("pixel_decoder", total_steps=8 if arg.runlocal else 500, batch_size=64)
   c.data.image_size = arg.image_size
   c.data.name = "shapes_small" if arg.runlocal else "shapes"
   c.tokenizer_workdir = ""
   c.model = ml_collections.ConfigDict(dict(
-      code_dim=32, width=64, channel_mults=(2, 1, 1), num_res_blocks=1))
+      code_dim=32, width=32, channel_mults=(2, 1, 1), num_res_blocks=1))
   c.optimizer = optimizer_config(name="adam", lr=1e-3, b1=0.9, b2=0.95, schedule="constant")
   c.log_every = 4 if arg.runlocal else 100
   c.eval_every = c.total_steps

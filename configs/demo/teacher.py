@@ -14,7 +14,7 @@ from vqkd_jax.train.optimizers import optimizer_config
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32)
-  c = training_config("teacher", total_steps=8 if arg.runlocal else 600, batch_size=64)
+  c = training_config("teacher", total_steps=8 if arg.runlocal else 500, batch_size=64)
   c.data.image_size = arg.image_size
   c.data.name = "shapes_small" if arg.runlocal else "shapes"
   c.model = ml_collections.ConfigDict(dict(

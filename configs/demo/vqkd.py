@@ -16,10 +16,11 @@ from vqkd_jax.train.optimizers import optimizer_config
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, image_size=32)
-  c = training_config("vqkd", total_steps=8 if arg.runlocal else 1000, batch_size=64)
+  c = training_config("vqkd", total_steps=8 if arg.runlocal else 600, batch_size=64)
   c.data.image_size = arg.image_size
   c.data.name = "shapes_small" if arg.runlocal else "shapes"
-  c.teacher = ml_collections.ConfigDict(dict(kind="in_the_box_vit", workdir=""))
+  c.teacher = ml_collections.ConfigDict(dict(kind="in_the_box_vit", workdir="",
+                                              center_targets=True))
   c.model = ml_collections.ConfigDict(dict(
       image_size=arg.image_size, patch_size=4, width=96, depth=4, num_heads=4, conv_stem=True,
       num_codes=256, code_dim=32, decoder_width=96, decoder_depth=1, decoder_heads=4,
