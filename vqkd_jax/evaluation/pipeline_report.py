@@ -23,7 +23,7 @@ COLUMNS = [
     ("codebook_usage", "Codebook usage (%)", "{:.1f}"),
     ("psnr", "PSNR (dB)", "{:.2f}"),
     ("ppl", "PPL", "{:.2f}"),
-    ("fd_eval", "FD_eval (AR)", "{:.2f}"),
+    ("fd_eval", "FD_eval (evaluator features, not FID)", "{:.2f}"),
     ("sample_accuracy", "Sample class acc.", "{:.3f}"),
 ]
 

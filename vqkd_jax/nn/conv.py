@@ -1,5 +1,5 @@
-"""Convolutional blocks of the VQGAN trunk (upstream §3.1): ResBlock, attention over pixels,
-nearest-neighbour upsampling and strided downsampling. NHWC."""
+"""Convolutional blocks of the VQGAN trunk (upstream §3.1): ResBlock, single-head attention over
+pixels, nearest-neighbour upsampling and strided downsampling. NHWC; GroupNorm eps 1e-6."""
 
 from __future__ import annotations
 
@@ -13,71 +13,88 @@ Dtype = Any
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, name: str | None = None,
-         dtype: Dtype = jnp.float32, padding="SAME"):
+         dtype: Dtype = jnp.float32, padding: Any = "SAME", param_dtype: Dtype = jnp.float32,
+         kernel_init=nn.initializers.lecun_normal()) -> nn.Conv:
+  """k x k conv with kernel named (patch, patch, conv_in, conv_out) and bias named conv_out."""
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding, dtype=dtype,
-                 name=name,
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          ("patch", "patch", "conv_in", "conv_out")),
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=nn.with_logical_partitioning(
+                     kernel_init, ("patch", "patch", "conv_in", "conv_out")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
 
 
-def group_norm(channels: int, name: str | None = None, dtype: Dtype = jnp.float32):
-  """GroupNorm(32, eps 1e-6), with fewer groups when the channels are few."""
-  groups = 32
+def num_groups(channels: int, groups: int = 32) -> int:
+  """32 groups, halved until they divide `channels` (small demo widths)."""
   while channels % groups:
     groups //= 2
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name,
+  return groups
+
+
+def group_norm(channels: int, name: str | None = None, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+  """GroupNorm(32 or fewer groups, eps 1e-6), statistics in float32, `norm`-named scale/bias."""
+  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
+                      param_dtype=param_dtype, name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
 class ResBlock(nn.Module):
-  """GN-SiLU-conv3x3-GN-SiLU-conv3x3 plus a 1x1 shortcut when the width changes."""
+  """x + conv3x3(SiLU(GN(conv3x3(SiLU(GN(x)))))): [B, H, W, C] -> [B, H, W, features]; the shortcut is
+  a 1x1 conv when C != features. No dropout."""
   features: int
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    h = conv(self.features, 3, name="conv1", dtype=self.dtype)(
-        nn.silu(group_norm(x.shape[-1], "norm1", self.dtype)(x)))
-    h = conv(self.features, 3, name="conv2", dtype=self.dtype)(
-        nn.silu(group_norm(self.features, "norm2", self.dtype)(h)))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.silu(group_norm(x.shape[-1], "norm1", **kw)(x))
+    h = conv(self.features, 3, name="conv1", **kw)(h)
+    h = nn.silu(group_norm(self.features, "norm2", **kw)(h))
+    h = conv(self.features, 3, name="conv2", **kw)(h)
     if x.shape[-1] != self.features:
-      x = conv(self.features, 1, name="shortcut", dtype=self.dtype)(x)
+      x = conv(self.features, 1, name="shortcut", **kw)(x)
     return x + h
 
 
 class AttnBlock2d(nn.Module):
-  """GroupNorm then single-head self-attention over the h*w positions, residual."""
+  """x + proj(softmax(q k^T / sqrt(C)) v) over the h*w positions, with q, k, v = 1x1 convs of GN(x):
+  single-head, [B, H, W, C] -> [B, H, W, C] (taming's AttnBlock; softmax in float32)."""
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    y = group_norm(c, "norm", self.dtype)(x).reshape(b, h * w, c)
-    q, k, v = (conv(c, 1, name=n, dtype=self.dtype)(y[:, :, None, :])[:, :, 0] for n in "qkv")
-    attn = jax.nn.softmax((jnp.einsum("bqc,bkc->bqk", q, k) * c ** -0.5).astype(jnp.float32), -1)
-    out = jnp.einsum("bqk,bkc->bqc", attn.astype(v.dtype), v)
-    out = conv(c, 1, name="proj", dtype=self.dtype)(out[:, :, None, :])[:, :, 0]
-    return x + out.reshape(b, h, w, c)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = group_norm(c, "norm", **kw)(x)
+    q, k, v = (conv(c, 1, name=n, **kw)(y).reshape(b, h * w, c) for n in "qkv")
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * c ** -0.5
+    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bqk,bkc->bqc", attn, v).reshape(b, h, w, c)
+    return x + conv(c, 1, name="proj", **kw)(out)
 
 
 class Upsample(nn.Module):
-  """Nearest x2 then conv3x3."""
+  """Nearest-neighbour x2 then conv3x3: [B, H, W, C] -> [B, 2H, 2W, C]."""
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
-    return conv(c, 3, name="conv", dtype=self.dtype)(x)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv(x.shape[-1], 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 class Downsample(nn.Module):
-  """Zero-pad (0, 1) on height and width, then conv3x3 stride 2 without padding."""
+  """Zero-pad (0, 1) on height and width, then conv3x3 of stride 2 without padding:
+  [B, H, W, C] -> [B, H/2, W/2, C] (taming's Downsample)."""
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return conv(x.shape[-1], 3, 2, name="conv", dtype=self.dtype, padding="VALID")(x)
+    return conv(x.shape[-1], 3, 2, name="conv", dtype=self.dtype, padding="VALID",
+                param_dtype=self.param_dtype)(x)

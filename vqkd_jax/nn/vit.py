@@ -1,8 +1,9 @@
-"""Vision Transformer pieces: MLP, pre-LN block, patch embedding (plain or convolutional stem),
-the encoder, and torch-compatible position-embedding interpolation."""
+"""Vision Transformer pieces: MLP, pre-LN block, patch embedding (plain or convolutional stem), the
+encoder, and torch-compatible bicubic interpolation of position embeddings. NHWC images."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -13,89 +14,121 @@ from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
 
 Dtype = Any
 
+# PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, eps: float = 1e-6):
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, eps: float = 1e-6,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm (eps 1e-6, statistics in float32) with `norm`-named scale and bias."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
 def dense(features: int, names: tuple[str, str], name: str | None = None, std: float = 0.02,
-          dtype: Dtype = jnp.float32, use_bias: bool = True):
-  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias,
+          dtype: Dtype = jnp.float32, use_bias: bool = True,
+          param_dtype: Dtype = jnp.float32) -> nn.Dense:
+  """Dense with a trunc-normal(std) kernel named `names` (in, out) and a zero bias named `names[1]`."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
                   kernel_init=nn.with_logical_partitioning(dense_init(std), names),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 
 
+def depth_scaled_std(layer_index: int | None, std: float = 0.02) -> float:
+  """BEiT's init of the residual output projections of block i (0-based): std / sqrt(2 (i + 1))."""
+  return std if layer_index is None else std / math.sqrt(2.0 * (layer_index + 1))
+
+
 class Mlp(nn.Module):
-  """Dense(hidden) - GELU (exact) - Dense(out): [..., D] -> [..., D]."""
+  """Dense(hidden) - GELU (exact) - Dense(D): [..., D] -> [..., D]."""
   hidden: int
   out_init_std: float = 0.02
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    h = dense(self.hidden, ("embed", "mlp"), "fc1", dtype=self.dtype)(x)
+    h = dense(self.hidden, ("embed", "mlp"), "fc1", dtype=self.dtype,
+              param_dtype=self.param_dtype)(x)
     h = nn.gelu(h, approximate=False)
-    return dense(d, ("mlp", "embed"), "fc2", std=self.out_init_std, dtype=self.dtype)(h)
+    return dense(d, ("mlp", "embed"), "fc2", std=self.out_init_std, dtype=self.dtype,
+                 param_dtype=self.param_dtype)(h)
 
 
 class ViTBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)). [B, L, D] -> [B, L, D].
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). [B, L, D] -> [B, L, D].
 
-  `layer_index` (0-based) scales the init of the attention output and fc2 by 1/sqrt(2(i+1)) (BEiT).
+  LayerNorm eps 1e-6, exact GELU, MLP width mlp_ratio * D. `layer_index` (0-based) set: the attention
+  output and fc2 kernels start at std 0.02 / sqrt(2 (i + 1)) (BEiT); None: 0.02. The attention's own
+  parameters are float32 whatever `param_dtype` (MultiHeadAttention has no param_dtype).
   """
   num_heads: int
   mlp_ratio: float = 4.0
   layer_index: int | None = None
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    std = 0.02 if self.layer_index is None else 0.02 / (2.0 * (self.layer_index + 1)) ** 0.5
-    h = layer_norm("norm1", self.dtype)(x)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    std = depth_scaled_std(self.layer_index)
+    h = layer_norm("norm1", self.dtype, param_dtype=self.param_dtype)(x)
     x = x + MultiHeadAttention(self.num_heads, out_init_std=std, dtype=self.dtype, name="attn")(h)
-    h = layer_norm("norm2", self.dtype)(x)
+    h = layer_norm("norm2", self.dtype, param_dtype=self.param_dtype)(x)
     return x + Mlp(int(x.shape[-1] * self.mlp_ratio), out_init_std=std, dtype=self.dtype,
-                   name="mlp")(h)
+                   param_dtype=self.param_dtype, name="mlp")(h)
+
+
+def conv_stem_strides(patch_size: int) -> int:
+  """Number of stride-2 3x3 convs of the convolutional stem for a power-of-two patch size."""
+  n = int(round(math.log2(patch_size)))
+  if 2 ** n != patch_size or n < 1:
+    raise ValueError(f"conv_stem needs a power-of-two patch size >= 2, got {patch_size}")
+  return n
 
 
 class PatchEmbed(nn.Module):
   """Images [B, H, W, C] -> patch tokens [B, H/p, W/p, D].
 
-  conv_stem=False: one p x p conv with stride p (ViT). conv_stem=True: 3x3 convs with GELU, each of
-  stride 2 until the stride reaches p, then a 1x1 projection (a small convolutional stem, which trains
-  much faster on small data)."""
+  conv_stem=False: one p x p conv of stride p (ViT; PyTorch's default init, as upstream).
+  conv_stem=True: log2(p) 3x3 convs of stride 2 with GELU (widths D/4, D/2, ... capped at D, at least
+  16), then a 1x1 projection to D: a small convolutional stem, which trains a small ViT much faster
+  on small data (miniature study: ~40% -> 86% within 2 CPU minutes).
+  """
   patch_size: int
   width: int
   conv_stem: bool = False
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    conv = lambda f, k, s, name: nn.Conv(
-        f, (k, k), (s, s), padding="SAME" if k > s else "VALID", dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 ("patch", "patch", "conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    def conv(f, k, s, name, init):
+      return nn.Conv(f, (k, k), (s, s), padding="SAME" if k > s else "VALID", dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name,
+                     kernel_init=nn.with_logical_partitioning(
+                         init, ("patch", "patch", "conv_in", "conv_out")),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
     if not self.conv_stem:
-      return conv(self.width, self.patch_size, self.patch_size, "proj")(x)
-    stride, i = 1, 0
+      return conv(self.width, self.patch_size, self.patch_size, "proj", torch_default_init)(x)
     channels = max(self.width // 4, 16)
-    while stride < self.patch_size:
-      x = nn.gelu(conv(channels, 3, 2, f"stem{i}")(x), approximate=False)
-      stride, i, channels = stride * 2, i + 1, min(channels * 2, self.width)
-    return conv(self.width, 1, 1, "proj")(x)
+    for i in range(conv_stem_strides(self.patch_size)):
+      x = nn.gelu(conv(channels, 3, 2, f"stem{i}", nn.initializers.lecun_normal())(x),
+                  approximate=False)
+      channels = min(channels * 2, self.width)
+    return conv(self.width, 1, 1, "proj", nn.initializers.lecun_normal())(x)
 
 
 class ViTEncoder(nn.Module):
-  """ViT over images in [-1, 1]: [B, H, W, 3] -> tokens [B, (1+) N, D] (CLS first when cls_token).
+  """ViT over images in [-1, 1]: [B, H, W, 3] -> tokens [B, 1 + N, D] (CLS first) or [B, N, D].
 
-  Learned absolute position embeddings (trunc. normal 0.02) for the CLS token and a grid of
-  image_size/patch_size patches; other image sizes interpolate the grid (torch-compatible bicubic).
+  Learned absolute position embeddings `pos_embed` [1, (1 +) g*g, D] (trunc. normal 0.02; BEiT layout,
+  CLS position first) for a g x g patch grid, g = image_size // patch_size (image_size None: the grid
+  of the images seen at init). Images of another size get the patch part bicubically interpolated
+  (torch-compatible; `pos_interp_offset` 0.1 = DINO's/upstream VQ-KD's scale (n + 0.1) / g), the CLS
+  position kept. Blocks use BEiT's depth-scaled init when `depth_scaled_init`.
   """
-  image_size: int
   patch_size: int
   width: int
   depth: int
@@ -103,35 +136,52 @@ class ViTEncoder(nn.Module):
   mlp_ratio: float = 4.0
   cls_token: bool = True
   conv_stem: bool = False
+  image_size: int | None = None
+  pos_interp_offset: float | None = None
+  depth_scaled_init: bool = True
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
-    x = PatchEmbed(self.patch_size, self.width, self.conv_stem, self.dtype, name="patch_embed")(
-        images.astype(self.dtype))
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = PatchEmbed(self.patch_size, self.width, self.conv_stem, self.dtype, self.param_dtype,
+                   name="patch_embed")(images.astype(self.dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
-    g = self.image_size // self.patch_size
     n_cls = int(self.cls_token)
+    if self.image_size is not None:
+      g = self.image_size // self.patch_size
+    elif gh == gw:
+      g = gh
+    else:
+      raise ValueError(f"non-square patch grid {gh}x{gw}: set image_size")
     pos = self.param("pos_embed", nn.with_logical_partitioning(
-        nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, n_cls + g * g, d))
-    pos = pos.astype(jnp.float32)
+        nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, n_cls + g * g, d),
+        self.param_dtype)
+    g = math.isqrt(pos.shape[1] - n_cls)  # The grid the parameter was made for.
     patch_pos = pos[:, n_cls:]
     if (gh, gw) != (g, g):
-      patch_pos = interpolate_pos_embed(patch_pos, (g, g), (gh, gw))
+      patch_pos = interpolate_pos_embed(patch_pos.astype(jnp.float32), (gh, gw), (g, g),
+                                        self.pos_interp_offset)
     x = x + patch_pos.astype(x.dtype)
     if self.cls_token:
       cls = self.param("cls_token", nn.with_logical_partitioning(
-          nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, 1, d))
-      x = jnp.concatenate([jnp.broadcast_to((cls + pos[:, :1]).astype(x.dtype), (b, 1, d)), x], 1)
+          nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, 1, d),
+          self.param_dtype)
+      cls = (cls + pos[:, :1]).astype(x.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     for i in range(self.depth):
-      x = ViTBlock(self.num_heads, self.mlp_ratio, layer_index=i, dtype=self.dtype,
-                   name=f"block{i}")(x)
+      x = ViTBlock(self.num_heads, self.mlp_ratio, i if self.depth_scaled_init else None,
+                   self.dtype, self.param_dtype, name=f"block{i}")(x)
     return x
 
 
+# ---------------------------------------------------------------------------------------------------
+# torch.nn.functional.interpolate(mode="bicubic", align_corners=False) as matrices
+
+
 def _cubic_weights(t: jax.Array, a: float = -0.75) -> jax.Array:
-  """Keys cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 (torch uses a=-0.75)."""
+  """Keys cubic-convolution weights of the 4 taps at offsets -1, 0, 1, 2 for fractions t [n]."""
   def w(x):
     x = jnp.abs(x)
     return jnp.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
@@ -139,27 +189,36 @@ def _cubic_weights(t: jax.Array, a: float = -0.75) -> jax.Array:
   return jnp.stack([w(t + 1), w(t), w(1 - t), w(2 - t)], axis=-1)
 
 
-def _resize_matrix(in_size: int, out_size: int, scale: float | None = None) -> jax.Array:
-  """[out, in] matrix of torch bicubic interpolation (align_corners=False, border clamped)."""
+def bicubic_resize_matrix(in_size: int, out_size: int, scale: float | None = None) -> jax.Array:
+  """[out, in] matrix of torch's 1-D bicubic interpolation (a = -0.75, align_corners=False, no
+  antialias, border taps clamped). `scale` = torch's scale_factor when given (else out / in)."""
   ratio = (1.0 / scale) if scale is not None else in_size / out_size
-  src = (jnp.arange(out_size) + 0.5) * ratio - 0.5
+  src = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * ratio - 0.5  # Not clamped (cubic).
   i0 = jnp.floor(src)
   weights = _cubic_weights(src - i0)
   idx = jnp.clip(i0[:, None].astype(jnp.int32) + jnp.arange(-1, 3)[None], 0, in_size - 1)
-  m = jnp.zeros((out_size, in_size))
+  m = jnp.zeros((out_size, in_size), jnp.float32)
   return m.at[jnp.arange(out_size)[:, None], idx].add(weights)
 
 
-def interpolate_pos_embed(pos: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int],
+def interpolate_pos_embed(pos: jax.Array, new_grid: int | tuple[int, int],
+                          old_grid: int | tuple[int, int] | None = None,
                           scale_offset: float | None = None) -> jax.Array:
-  """Bicubic resize of grid position embeddings [1, gh*gw, D] -> [1, nh*nw, D], as
-  torch.nn.functional.interpolate(mode="bicubic", align_corners=False). With `scale_offset` (DINO's
-  0.1 trick, used upstream) the scale factor is (new + offset) / old."""
-  gh, gw = old_grid
-  nh, nw = new_grid
-  grid = pos.reshape(gh, gw, -1)
+  """Bicubic resize of grid position embeddings [..., gh*gw, D] -> [..., nh*nw, D] (no CLS entry),
+  equal to torch.nn.functional.interpolate(mode="bicubic", align_corners=False) on the [D, gh, gw]
+  grid. old_grid None: square. `scale_offset` (DINO/BEiT's 0.1 trick, upstream VQ-KD at 256) makes the
+  scale factor (new + offset) / old instead of new / old."""
+  as_pair = lambda g: (g, g) if isinstance(g, int) else tuple(g)
+  if old_grid is None:
+    s = math.isqrt(pos.shape[-2])
+    if s * s != pos.shape[-2]:
+      raise ValueError(f"{pos.shape[-2]} positions are not a square grid: pass old_grid")
+    old_grid = s
+  (gh, gw), (nh, nw) = as_pair(old_grid), as_pair(new_grid)
+  grid = pos.reshape(*pos.shape[:-2], gh, gw, pos.shape[-1])
   sh = None if scale_offset is None else (nh + scale_offset) / gh
   sw = None if scale_offset is None else (nw + scale_offset) / gw
-  mh, mw = _resize_matrix(gh, nh, sh), _resize_matrix(gw, nw, sw)
-  out = jnp.einsum("ih,jw,hwd->ijd", mh, mw, grid, precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(1, nh * nw, -1)
+  mh, mw = bicubic_resize_matrix(gh, nh, sh), bicubic_resize_matrix(gw, nw, sw)
+  out = jnp.einsum("ih,jw,...hwd->...ijd", mh, mw, grid.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(*pos.shape[:-2], nh * nw, pos.shape[-1]).astype(pos.dtype)

@@ -1,37 +1,124 @@
 """Decoder-only transformer for class-conditional token generation (upstream §5.1-5.2).
 
-Two flavours: "gpt2" (learned positions, LayerNorm, GELU-tanh, biases) and "llama" (RMSNorm, SwiGLU,
-rotary positions, no biases, zero-initialised output head). A KV cache (explicit pytree) serves
-one-token-at-a-time decoding inside one jitted loop (proposal/sampling.py).
+Two flavours:
+  "gpt2":  learned positions, LayerNorm, GELU (tanh approximation, GPT-2's "gelu_new"), biases,
+           residual projections initialised with std 0.02 / sqrt(2 * depth); untied head by default
+           (`tie_embeddings=True` reuses the token embedding, as upstream's GPT-2).
+  "llama": RMSNorm, SwiGLU MLP, rotary positions (half-split layout, as Hugging Face Llama), no
+           biases, untied head initialised to zero.
+
+Decoding uses an explicit KV cache: `init_cache(batch)` gives per layer (k, v) of
+[B, S, heads, head_dim]; `apply(variables, tokens [B, T], positions=[T], cache=cache)` writes this
+call's keys/values at `positions` (contiguous, T >= 1) and returns (logits, new cache). The sampling
+loop (proposal/sampling.py) threads the cache through one jitted `lax.fori_loop`.
 
 Sequence layout: [class] + image tokens in raster order. Vocabulary: classes [0, C), the null class C
-(classifier-free guidance), image token t -> C + 1 + t.
+(classifier-free guidance), image token t -> C + 1 + t; vocab_size = C + 1 + codebook_size.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from vqkd_jax.nn.attention import dense_init, dot_product_attention
+from vqkd_jax.nn.attention import dense_init
 
 Dtype = Any
+Cache = Sequence[tuple[jax.Array, jax.Array]]
+FLAVOURS = ("gpt2", "llama")
 
 
-def _norm(flavour: str, name: str, dtype):
+# ----------------------------------------------------------------------------------------------
+# Sequence layout.
+
+def null_class_id(num_classes: int) -> int:
+  """The id of the null (unconditional) class token: num_classes."""
+  return num_classes
+
+
+def image_token_offset(num_classes: int) -> int:
+  """Image token t has id t + image_token_offset(num_classes) = t + num_classes + 1."""
+  return num_classes + 1
+
+
+def vocab_size(num_classes: int, codebook_size: int) -> int:
+  """classes + null class + image codes."""
+  return num_classes + 1 + codebook_size
+
+
+def class_token_ids(labels: jax.Array, num_classes: int, drop_prob: float = 0.0,
+                    rng: jax.Array | None = None) -> jax.Array:
+  """int32 [B] class tokens; with probability drop_prob per example the null class (CFG dropout)."""
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  if drop_prob > 0:
+    if rng is None:
+      raise ValueError("class dropout (drop_prob > 0) needs an rng")
+    drop = jax.random.bernoulli(rng, drop_prob, labels.shape)
+    labels = jnp.where(drop, null_class_id(num_classes), labels)
+  return labels
+
+
+def image_token_ids(image_tokens: jax.Array, num_classes: int) -> jax.Array:
+  """Code indices [B, N] in [0, codebook_size) -> vocabulary ids (shifted by num_classes + 1)."""
+  return jnp.asarray(image_tokens).astype(jnp.int32) + image_token_offset(num_classes)
+
+
+def make_sequence(labels: jax.Array, image_tokens: jax.Array, num_classes: int,
+                  drop_prob: float = 0.1, rng: jax.Array | None = None) -> jax.Array:
+  """labels [B], code indices [B, N] (or [B, h, w], raster order) -> int32 [B, 1 + N]:
+  [class or null] + image ids. Pass drop_prob=0 for evaluation."""
+  image_tokens = jnp.asarray(image_tokens).reshape(image_tokens.shape[0], -1)
+  cls = class_token_ids(labels, num_classes, drop_prob, rng)
+  return jnp.concatenate([cls[:, None], image_token_ids(image_tokens, num_classes)], axis=1)
+
+
+def token_nll(logits: jax.Array, seq: jax.Array) -> jax.Array:
+  """Per-target negative log-likelihood [B, L-1] (nats, full vocabulary) of seq[:, 1:] under
+  logits[:, :-1] ([B, L, V])."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), seq[:, 1:])
+
+
+def next_token_loss(logits: jax.Array, seq: jax.Array) -> jax.Array:
+  """Mean cross-entropy (full vocabulary) of predicting seq[:, 1:] from logits[:, :-1] (HF causal-LM
+  loss; with the layout above the targets are exactly the image tokens)."""
+  return token_nll(logits, seq).mean()
+
+
+def perplexity(logits: jax.Array, seq: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """exp(mean NLL over the image-token targets), teacher-forced; `mask` [B] drops padded examples."""
+  nll = token_nll(logits, seq)
+  if mask is None:
+    return jnp.exp(nll.mean())
+  w = jnp.broadcast_to(mask.astype(jnp.float32)[:, None], nll.shape)
+  return jnp.exp(jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+
+def _norm(flavour: str, name: str, dtype, eps: float):
   init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
   if flavour == "llama":
-    return nn.RMSNorm(epsilon=1e-5, dtype=dtype, name=name, scale_init=init)
-  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name, scale_init=init,
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=init)
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=init,
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
+def _dense(features: int, names: tuple[str, str], name: str, use_bias: bool, dtype,
+           std: float = 0.02, init=None):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(init or dense_init(std), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+
+
 def rotary(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-  """Rotary position embedding (GPT-NeoX/Llama half-split layout) of x [B, T, H, D] at positions [T]."""
+  """Rotary position embedding of x [B, T, H, D] at positions [T] (half-split layout:
+  [x1 cos - x2 sin, x2 cos + x1 sin] with frequencies theta^(-2i/D), as Hugging Face Llama)."""
   d = x.shape[-1]
   freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   angles = positions.astype(jnp.float32)[:, None] * freqs[None]          # [T, D/2]
@@ -40,17 +127,23 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Ar
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-class CausalAttention(nn.Module):
-  """Causal self-attention; with `cache` (k, v [B, S, H, D]) writes this call's keys and values at
-  `positions` and attends to every cached position <= the query's."""
+class CausalSelfAttention(nn.Module):
+  """Causal self-attention [B, T, D] -> [B, T, D] at `positions` [T].
+
+  With `cache` (k, v of [B, S, H, hd]) this call's keys and values are written at positions
+  (contiguous from positions[0]) and each query attends to the cached positions <= its own; returns
+  (output, new cache). Scores and softmax in float32."""
   num_heads: int
   use_bias: bool
   use_rope: bool
+  rope_theta: float = 10000.0
   out_init_std: float = 0.02
+  dropout: float = 0.0
+  implementation: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, cache=None):
+  def __call__(self, x, positions, cache=None, train: bool = False):
     d = x.shape[-1]
     hd = d // self.num_heads
     proj = lambda name: nn.DenseGeneral(
@@ -59,63 +152,114 @@ class CausalAttention(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     if self.use_rope:
-      q, k = rotary(q, positions), rotary(k, positions)
+      q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+    if cache is None and self._use_cudnn(q, train):
+      # Fused flash attention (cuDNN; float32 softmax inside). Positions increase, so the mask
+      # kpos <= qpos below is the plain causal mask. cuDNN's backward needs an even length: pad
+      # at the end (padded keys follow every real query, so the causal mask hides them).
+      t = q.shape[1]
+      pad = ((0, 0), (0, -t % 8), (0, 0), (0, 0))
+      q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+      return self._out(y[:, :t], d), None
     if cache is None:
-      t = x.shape[1]
-      mask = (jnp.arange(t)[:, None] >= jnp.arange(t)[None])[None, None]
+      kpos = positions
       new_cache = None
     else:
       ck, cv = cache
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, positions[0], 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, positions[0], 0, 0))
-      mask = (jnp.arange(ck.shape[1])[None] <= positions[:, None])[None, None]
-      k, v, new_cache = ck, cv, (ck, cv)
-    y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.dtype)
-    out = nn.DenseGeneral(
+      start = (0, positions[0], 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+      k, v, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
+      kpos = jnp.arange(ck.shape[1])
+    mask = (kpos[None, :] <= positions[:, None])[None, None]              # [1, 1, T, S]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(hd ** -0.5, q.dtype), k,
+                        preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return self._out(y, d), new_cache
+
+  def _out(self, y, d):
+    return nn.DenseGeneral(
         d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
         kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
                                                  ("heads", "kv", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
-    return out, new_cache
+
+  def _use_cudnn(self, q, train) -> bool:
+    if self.implementation not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"attention implementation {self.implementation!r}: auto, xla, cudnn")
+    if self.implementation == "xla" or (train and self.dropout > 0):
+      return False
+    if self.implementation == "cudnn":
+      return True
+    hd = q.shape[-1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and hd % 8 == 0 and hd <= 128)
 
 
-class Block(nn.Module):
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + Attn(Norm(x)); x + MLP(Norm(x)). GPT-2 MLP: fc1 - GELU(tanh) - fc2.
+  Llama MLP: down(silu(gate(x)) * up(x))."""
   num_heads: int
-  mlp_hidden: int
+  mlp_dim: int
   flavour: str
-  layer_index: int
   depth: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
   dropout: float = 0.0
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False):
     llama = self.flavour == "llama"
+    bias = not llama
     std = 0.02 if llama else 0.02 / (2 * self.depth) ** 0.5  # GPT-2 scales residual projections.
-    h, cache = CausalAttention(self.num_heads, use_bias=not llama, use_rope=llama,
-                               out_init_std=std, dtype=self.dtype, name="attn")(
-        _norm(self.flavour, "norm1", self.dtype)(x), positions, cache)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _norm(self.flavour, "norm2", self.dtype)(x)
-    dense = lambda f, names, name, s=0.02: nn.Dense(
-        f, use_bias=not llama, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(dense_init(s), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+    drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
+    h, cache = CausalSelfAttention(
+        self.num_heads, use_bias=bias, use_rope=llama, rope_theta=self.rope_theta,
+        out_init_std=std, dropout=self.dropout, implementation=self.attention, dtype=self.dtype,
+        name="attn")(
+            _norm(self.flavour, "norm1", self.dtype, self.norm_eps)(x), positions, cache, train)
+    x = x + drop(h)
+    h = _norm(self.flavour, "norm2", self.dtype, self.norm_eps)(x)
     if llama:
-      h = nn.silu(dense(self.mlp_hidden, ("embed", "mlp"), "gate")(h)) * dense(
-          self.mlp_hidden, ("embed", "mlp"), "up")(h)
+      gate = _dense(self.mlp_dim, ("embed", "mlp"), "gate", bias, self.dtype)(h)
+      up = _dense(self.mlp_dim, ("embed", "mlp"), "up", bias, self.dtype)(h)
+      h = _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(nn.silu(gate) * up)
     else:
-      h = nn.gelu(dense(self.mlp_hidden, ("embed", "mlp"), "fc1")(h), approximate=True)
-    h = dense(x.shape[-1], ("mlp", "embed"), "fc2" if not llama else "down", std)(h)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(h), cache
+      h = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), "fc1", bias, self.dtype)(h),
+                  approximate=True)
+      h = _dense(x.shape[-1], ("mlp", "embed"), "fc2", bias, self.dtype, std)(h)
+    return x + drop(h), cache
 
 
 class ARTransformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, vocab_size] (float32); with `cache`, also the updated cache.
+  """Decoder-only transformer: tokens int [B, T] -> logits float32 [B, T, vocab_size].
 
-  Attributes: vocab_size, seq_len (maximum length), width, depth, num_heads, mlp_ratio (GPT-2:
-  hidden = ratio * width; Llama: 2/3 of that rounded up to a multiple of 64, as SwiGLU), flavour,
-  dropout, dtype.
+  Attributes:
+    vocab_size: classes + null + codebook (see `vocab_size()`).
+    seq_len: maximum sequence length (1 + number of image tokens); size of the position table and
+      of the default KV cache.
+    width, depth, num_heads: model width, number of blocks, attention heads (head dim width/heads).
+    mlp_ratio: GPT-2 MLP hidden = mlp_ratio * width; Llama SwiGLU hidden = 2/3 of that (8/3 width
+      for ratio 4) rounded up to a multiple of `mlp_multiple_of` (1024 -> 2816, as upstream).
+    flavour: "gpt2" or "llama".
+    dtype: computation dtype (parameters float32; logits always float32).
+    dropout: residual/embedding/attention-probability dropout in train mode.
+    tie_embeddings: output head = token embedding transposed (GPT-2 only matters; default untied).
+    mlp_dim: explicit MLP hidden size, overriding mlp_ratio.
+    mlp_multiple_of, rope_theta, norm_eps: Llama details (256, 1e4, 1e-5 as HF defaults).
+    attention: "xla" (einsums, float32 scores and softmax), "cudnn" (fused flash attention) or
+      "auto" (cudnn on GPU in bfloat16/float16 for full sequences without attention dropout, else
+      xla). Decoding with a cache always uses the einsum path.
+    remat: recompute each block's activations in the backward pass (memory for large batches).
+
+  Call: `__call__(tokens, train=False, positions=None, cache=None)`; positions [T] default arange(T);
+  with `cache` returns (logits, new cache).
   """
   vocab_size: int
   seq_len: int
@@ -124,21 +268,34 @@ class ARTransformer(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   flavour: str = "gpt2"
-  dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  tie_embeddings: bool = False
+  mlp_dim: int | None = None
+  mlp_multiple_of: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  attention: str = "auto"
+  remat: bool = False
 
   def mlp_hidden(self) -> int:
+    if self.mlp_dim:
+      return int(self.mlp_dim)
     hidden = int(self.mlp_ratio * self.width)
     if self.flavour == "llama":
-      hidden = -(-int(2 * hidden / 3) // 64) * 64
+      m = self.mlp_multiple_of
+      hidden = -(-int(2 * hidden / 3) // m) * m
     return hidden
 
   @nn.compact
-  def __call__(self, tokens, train: bool = False, positions=None, cache=None):
-    if self.flavour not in ("gpt2", "llama"):
-      raise ValueError(f"unknown flavour {self.flavour!r}: gpt2, llama")
+  def __call__(self, tokens: jax.Array, train: bool = False, positions: jax.Array | None = None,
+               cache: Cache | None = None):
+    if self.flavour not in FLAVOURS:
+      raise ValueError(f"unknown flavour {self.flavour!r}: one of {FLAVOURS}")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     t = tokens.shape[1]
-    positions = jnp.arange(t) if positions is None else positions
+    positions = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embed",
                      embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))
     x = embed(tokens)
@@ -147,38 +304,30 @@ class ARTransformer(nn.Module):
                        (self.seq_len, self.width))
       x = x + jnp.take(pos, positions, axis=0).astype(x.dtype)[None]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    block = DecoderBlock
+    if self.remat and cache is None:
+      block = nn.remat(DecoderBlock, static_argnums=(4,))   # (self, x, positions, cache, train)
     new_cache = []
     for i in range(self.depth):
-      x, c = Block(self.num_heads, self.mlp_hidden(), self.flavour, i, self.depth, self.dropout,
-                   self.dtype, name=f"block{i}")(x, positions, None if cache is None else cache[i],
-                                                 train)
+      x, c = block(self.num_heads, self.mlp_hidden(), self.flavour, self.depth, self.rope_theta,
+                   self.norm_eps, self.dropout, self.attention, self.dtype,
+                   name=f"block{i}")(x, positions, None if cache is None else cache[i], train)
       new_cache.append(c)
-    x = _norm(self.flavour, "norm_out", self.dtype)(x)
-    head_init = nn.initializers.zeros if self.flavour == "llama" else dense_init()
-    logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head",
-                      kernel_init=nn.with_logical_partitioning(head_init, ("embed", "vocab")))(x)
-    logits = logits.astype(jnp.float32)
+    x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps)(x)
+    # Operands in the computation dtype, logits accumulated and returned in float32.
+    if self.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      init = nn.initializers.zeros if self.flavour == "llama" else dense_init()
+      logits = nn.Einsum((self.width, self.vocab_size), "btd,dv->btv", use_bias=False,
+                         dtype=self.dtype, preferred_element_type=jnp.float32, name="head",
+                         kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x)
     return logits if cache is None else (logits, new_cache)
 
-  def init_cache(self, batch_size: int, dtype=None):
-    """An empty KV cache: per layer (k, v) of [B, seq_len, heads, head_dim]."""
-    hd = self.width // self.num_heads
-    shape = (batch_size, self.seq_len, self.num_heads, hd)
+  def init_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list:
+    """An empty KV cache: per layer (k, v) zeros of [batch_size, length (seq_len), heads, head_dim]
+    in `dtype` (the computation dtype)."""
+    shape = (batch_size, length or self.seq_len, self.num_heads, self.width // self.num_heads)
     dtype = dtype or self.dtype
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
-
-
-def make_sequence(labels: jax.Array, image_tokens: jax.Array, num_classes: int, drop_prob: float,
-                  rng: jax.Array) -> jax.Array:
-  """[class or null] + (num_classes + 1 + image tokens): int32 [B, 1 + N]. With probability
-  drop_prob per example the class becomes the null class num_classes."""
-  labels = labels.astype(jnp.int32)
-  if drop_prob > 0:
-    labels = jnp.where(jax.random.bernoulli(rng, drop_prob, labels.shape), num_classes, labels)
-  return jnp.concatenate([labels[:, None], image_tokens.astype(jnp.int32) + num_classes + 1], 1)
-
-
-def next_token_loss(logits: jax.Array, seq: jax.Array) -> jax.Array:
-  """Mean cross-entropy (full vocabulary) of predicting seq[:, 1:] from logits[:, :-1]."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), seq[:, 1:]).mean()

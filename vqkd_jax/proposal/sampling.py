@@ -1,9 +1,15 @@
-"""Sampling from the AR transformer in one jitted loop with a KV cache (upstream §5.3).
+"""Sampling image tokens from the AR transformer (upstream §5.3).
 
-Per step: logits restricted to the image-token slice; classifier-free guidance on logits
-(uncond + scale * (cond - uncond)); temperature; top-k; top-p (nucleus); categorical draw. The
-random stream of example i is fold_in(rng, example_offset + i) folded with the step, so a sample
-depends on the seed and its index only, not on the batch it was drawn in or the device count.
+Per step: logits of the image-token slice [C + 1, C + 1 + K); classifier-free guidance on logits
+(rows [cond; uncond], uncond + scale * (cond - uncond)); temperature; top-k; top-p (nucleus, as
+transformers' top_k_top_p_filtering); a categorical draw (temperature 0: argmax). The drawn token is
+appended to both halves of the doubled batch.
+
+`sample` is one jitted `lax.fori_loop` with a KV cache; `sample_full_recompute` is the reference
+path recomputing the whole prefix each step, and draws exactly the same tokens.
+
+Random streams: example i of a call draws from fold_in(fold_in(rng, example_offset + i), step), so a
+sample depends on the seed and its index only, not on the batch it was drawn in or the device count.
 """
 
 from __future__ import annotations
@@ -13,115 +19,180 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.proposal import ar as ar_lib
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-  """Keeps the logits >= the k-th largest (ties kept), others -inf. k <= 0 keeps all."""
-  if not k or k >= logits.shape[-1]:
+
+# ----------------------------------------------------------------------------------------------
+# Filters and guidance (on [B, V] logits).
+
+def top_k_filter(logits: jax.Array, top_k: int | None) -> jax.Array:
+  """Keeps the logits >= the k-th largest (ties kept), sets the rest to -inf. 0/None keeps all."""
+  if not top_k or top_k >= logits.shape[-1]:
     return logits
-  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  kth = jax.lax.top_k(logits, int(top_k))[0][..., -1:]
   return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-  """Nucleus filter as transformers' top_k_top_p_filtering: keeps the most probable tokens whose
-  cumulative probability before them is < p (always at least one). p >= 1 keeps all."""
-  if p is None or p >= 1.0:
+def top_p_filter(logits: jax.Array, top_p: float | None) -> jax.Array:
+  """Nucleus filter with transformers' semantics: sorted ascending, a token is removed when the
+  cumulative probability up to and including it is <= 1 - top_p; the most probable token is always
+  kept. Keeps the smallest set of most probable tokens whose total probability is >= top_p.
+  None or >= 1 keeps all."""
+  if top_p is None or top_p >= 1.0:
     return logits
-  order = jnp.argsort(-logits, axis=-1)
+  order = jnp.argsort(logits, axis=-1)                                   # ascending
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs
-  remove_sorted = before >= p
-  remove_sorted = remove_sorted.at[..., 0].set(False)
-  remove = jnp.zeros_like(remove_sorted).at[
-      jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+  cum = jnp.cumsum(jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1), axis=-1)
+  remove_sorted = (cum <= 1.0 - top_p).at[..., -1].set(False)
+  rows = jnp.arange(logits.shape[0])[:, None]
+  remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
   return jnp.where(remove, -jnp.inf, logits)
 
 
-def guided_logits(logits: jax.Array, batch: int, cfg_scale: float | None) -> jax.Array:
-  """CFG on logits: rows [cond; uncond] -> uncond + scale * (cond - uncond)."""
-  if not _uses_cfg(cfg_scale):
-    return logits
-  cond, uncond = logits[:batch], logits[batch:]
+def top_k_top_p_filter(logits: jax.Array, top_k: int | None = 0,
+                       top_p: float | None = 1.0) -> jax.Array:
+  """top-k then top-p (transformers' top_k_top_p_filtering with min_tokens_to_keep=1): [B, V]."""
+  return top_p_filter(top_k_filter(logits, top_k), top_p)
+
+
+def uses_cfg(cfg_scale: float | None) -> bool:
+  return cfg_scale is not None and float(cfg_scale) != 1.0
+
+
+def cfg_combine(cond: jax.Array, uncond: jax.Array, cfg_scale: float) -> jax.Array:
+  """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
   return uncond + cfg_scale * (cond - uncond)
 
 
-def _uses_cfg(cfg_scale) -> bool:
-  return cfg_scale is not None and cfg_scale != 1.0
+def guided_logits(logits: jax.Array, batch: int, cfg_scale: float | None) -> jax.Array:
+  """Rows [cond (batch); uncond (batch)] -> guided [batch, V]; without CFG the logits unchanged."""
+  if not uses_cfg(cfg_scale):
+    return logits
+  return cfg_combine(logits[:batch], logits[batch:], cfg_scale)
 
 
-def _pick(logits, keys, temperature, top_k, top_p):
-  logits = logits / temperature
-  logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-  return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+def draw(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int | None,
+         top_p: float | None) -> jax.Array:
+  """One token per row of logits [B, V] with per-row keys [B]: temperature, top-k, top-p, then a
+  categorical draw (temperature 0: argmax). int32 [B]."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = top_k_top_p_filter(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling loops.
+
+def _variables(params):
+  """Accepts either the `params` collection or a full variables dict."""
+  return params if "params" in params else {"params": params}
+
+
+def _first_tokens(labels, num_classes, cfg):
+  if not cfg:
+    return labels
+  return jnp.concatenate([labels, jnp.full_like(labels, ar_lib.null_class_id(num_classes))])
 
 
 def _example_keys(rng, batch, offset):
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(batch))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_image_tokens", "num_classes",
-                                             "codebook_size", "cfg_scale", "temperature", "top_k",
-                                             "top_p"))
-def _sample_cached(model, variables, labels, rng, example_offset, *, num_image_tokens,
-                   num_classes, codebook_size, cfg_scale, temperature, top_k, top_p):
+def _step_keys(example_keys, step):
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(example_keys)
+
+
+def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, temperature, top_k,
+            top_p):
+  """Logits of the rows (cond; uncond) at one position [rows, V] -> image codes [b] in [0, K)."""
+  image = logits[:, lo:lo + codebook_size]
+  return draw(guided_logits(image, b, cfg_scale), _step_keys(example_keys, step), temperature,
+              top_k, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "num_image_tokens", "num_classes", "codebook_size", "cfg_scale", "temperature",
+    "top_k", "top_p"))
+def _sample_cached(model, variables, labels, rng, example_offset, *, num_image_tokens, num_classes,
+                   codebook_size, cfg_scale, temperature, top_k, top_p):
   b = labels.shape[0]
-  cfg = _uses_cfg(cfg_scale)
-  first = jnp.concatenate([labels, jnp.full((b,), num_classes)]) if cfg else labels
-  rows = first.shape[0]
-  cache = model.init_cache(rows)
-  logits, cache = model.apply(variables, first[:, None].astype(jnp.int32),
-                              positions=jnp.zeros((1,), jnp.int32), cache=cache)
+  first = _first_tokens(labels, num_classes, uses_cfg(cfg_scale))
+  lo = ar_lib.image_token_offset(num_classes)
   keys = _example_keys(rng, b, example_offset)
-  lo = num_classes + 1
+  # Positions 0 .. N-1 are fed (class, then image tokens 0 .. N-2); the last token is never fed.
+  cache = model.init_cache(first.shape[0], length=num_image_tokens)
 
   def body(i, carry):
-    cache, logits, out = carry
-    l = guided_logits(logits[:, -1, lo:lo + codebook_size], b, cfg_scale if cfg else None)
-    tok = _pick(l, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), temperature, top_k, top_p)
-    out = out.at[:, i].set(tok)
+    cache, inp, out = carry
+    logits, cache = model.apply(variables, inp[:, None], positions=i[None], cache=cache)
+    tok = _choose(logits[:, 0], b, keys, i, lo, codebook_size, cfg_scale, temperature, top_k,
+                  top_p)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
     nxt = tok + lo
-    nxt = jnp.concatenate([nxt, nxt]) if cfg else nxt
-    logits, cache = model.apply(variables, nxt[:, None], positions=(i + 1)[None], cache=cache)
-    return cache, logits, out
+    return cache, (jnp.concatenate([nxt, nxt]) if uses_cfg(cfg_scale) else nxt), out
 
   out = jnp.zeros((b, num_image_tokens), jnp.int32)
-  _, _, out = jax.lax.fori_loop(0, num_image_tokens, body, (cache, logits, out))
+  _, _, out = jax.lax.fori_loop(0, num_image_tokens, body, (cache, first, out))
   return out
 
 
-def sample(model, variables, labels, *, num_image_tokens: int, num_classes: int,
-           codebook_size: int, rng, cfg_scale: float | None = 1.75, temperature: float = 1.0,
-           top_k: int = 600, top_p: float = 0.92, example_offset: int = 0) -> jax.Array:
-  """Image tokens [B, num_image_tokens] (values in [0, codebook_size)) for class labels [B]."""
-  return _sample_cached(model, variables, jnp.asarray(labels, jnp.int32), rng,
+def _static_args(cfg_scale, temperature, top_k, top_p, codebook_size):
+  """Normalised static arguments (one compilation per distinct sampling rule)."""
+  greedy = float(temperature) == 0.0
+  top_k = min(int(top_k or 0), codebook_size)
+  return dict(cfg_scale=float(cfg_scale) if uses_cfg(cfg_scale) else None,
+              temperature=float(temperature),
+              top_k=0 if greedy or top_k >= codebook_size else top_k,
+              top_p=1.0 if greedy or top_p is None else min(float(top_p), 1.0))
+
+
+def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int,
+           num_classes: int, codebook_size: int, rng: jax.Array,
+           cfg_scale: float | None = 1.75, temperature: float = 1.0, top_k: int | None = 600,
+           top_p: float | None = 0.92, example_offset: int = 0) -> jax.Array:
+  """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) for class labels [B].
+
+  params: the model's `params` collection (or its full variables dict). cfg_scale None or 1 turns
+  guidance (and the doubled batch) off; top_k 0/None and top_p 1/None turn the filters off;
+  temperature 0 is greedy. example_offset: index of labels[0] in a larger set (per-example keys).
+  One jitted fori_loop over the tokens with a KV cache.
+  """
+  if num_image_tokens + 1 > model.seq_len:
+    raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
+  return _sample_cached(model, _variables(params), jnp.asarray(labels, jnp.int32), rng,
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
-                        cfg_scale=None if not _uses_cfg(cfg_scale) else float(cfg_scale),
-                        temperature=float(temperature), top_k=int(top_k or 0),
-                        top_p=1.0 if top_p is None else float(top_p))
+                        **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
 
-def sample_full_recompute(model, variables, labels, *, num_image_tokens: int, num_classes: int,
-                          codebook_size: int, rng, cfg_scale: float | None = 1.75,
-                          temperature: float = 1.0, top_k: int = 600, top_p: float = 0.92,
+def sample_full_recompute(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int,
+                          num_classes: int, codebook_size: int, rng: jax.Array,
+                          cfg_scale: float | None = 1.75, temperature: float = 1.0,
+                          top_k: int | None = 600, top_p: float | None = 0.92,
                           example_offset: int = 0) -> jax.Array:
-  """The reference path: the same sampling, recomputing the whole prefix at every step (no cache)."""
+  """The reference path of `sample` (same arguments and random streams): no cache, the full forward
+  over the whole prefix at every step (a Python loop; slow, for tests)."""
+  static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
+  variables = _variables(params)
   labels = jnp.asarray(labels, jnp.int32)
   b = labels.shape[0]
-  cfg = _uses_cfg(cfg_scale)
-  first = jnp.concatenate([labels, jnp.full((b,), num_classes)]) if cfg else labels
-  seq = jnp.zeros((first.shape[0], 1 + num_image_tokens), jnp.int32).at[:, 0].set(first)
+  cfg = uses_cfg(static["cfg_scale"])
+  first = _first_tokens(labels, num_classes, cfg)
+  lo = ar_lib.image_token_offset(num_classes)
   keys = _example_keys(rng, b, jnp.asarray(example_offset, jnp.int32))
-  lo = num_classes + 1
-  forward = jax.jit(lambda v, s: model.apply(v, s))
+  seq = jnp.zeros((first.shape[0], num_image_tokens), jnp.int32).at[:, 0].set(first)
+
+  @jax.jit
+  def step(seq, i):
+    logits = model.apply(variables, seq)
+    return _choose(jnp.take(logits, i, axis=1), b, keys, i, lo, codebook_size, **static)
+
   out = []
   for i in range(num_image_tokens):
-    logits = forward(variables, seq)[:, i, lo:lo + codebook_size]
-    l = guided_logits(logits, b, cfg_scale if cfg else None)
-    tok = _pick(l, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), temperature,
-                int(top_k or 0), 1.0 if top_p is None else top_p)
+    tok = step(seq, jnp.asarray(i, jnp.int32))
     out.append(tok)
-    nxt = tok + lo
-    seq = seq.at[:, i + 1].set(jnp.concatenate([nxt, nxt]) if cfg else nxt)
+    if i + 1 < num_image_tokens:
+      nxt = tok + lo
+      seq = seq.at[:, i + 1].set(jnp.concatenate([nxt, nxt]) if cfg else nxt)
   return jnp.stack(out, axis=1)

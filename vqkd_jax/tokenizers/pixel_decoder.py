@@ -1,10 +1,11 @@
-"""Pixel decoder: code vectors -> images, the VQGAN decoder shape (upstream §3.1, §4)."""
+"""Pixel decoder: code vectors -> images, the VQGAN/LlamaGen decoder shape (upstream §3.1, §4)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vqkd_jax.nn.conv import AttnBlock2d, ResBlock, Upsample, conv, group_norm
@@ -13,35 +14,42 @@ Dtype = Any
 
 
 class PixelDecoder(nn.Module):
-  """Code vectors [B, h, w, code_dim] -> images [B, h*2^(S-1), w*2^(S-1), 3] (about [-1, 1]).
+  """Code vectors [B, h, w, code_dim] -> images [B, h * 2^(S-1), w * 2^(S-1), out_channels] in about
+  [-1, 1] (no tanh, as VQGAN), S = len(channel_mults).
 
-  1x1 conv to width*channel_mults[0], conv_in, mid (Res-Attn-Res), then one stage per channel
-  multiplier (num_res_blocks ResBlocks, attention in the first stage when `attn_first_stage`, an
-  upsample after every stage but the last), GroupNorm-SiLU-conv3x3 to 3 channels.
+  pre_decode 1x1 conv code_dim -> width * channel_mults[0]; conv_in 3x3; mid Res-Attn-Res; then per
+  stage s: num_res_blocks ResBlocks at width * channel_mults[s] (each followed by attention when s is
+  in attn_stages), nearest x2 + conv3x3 after every stage but the last; GroupNorm-SiLU-conv3x3.
+  Upstream (ImageNet, 16x16 -> 256x256): width 128, channel_mults (4, 2, 2, 1, 1), num_res_blocks 3,
+  attention in stage 0. Demo (8x8 -> 32x32): e.g. width 64, channel_mults (2, 1, 1), 1 block.
   """
   code_dim: int
   width: int
   channel_mults: Sequence[int] = (4, 2, 2, 1, 1)
   num_res_blocks: int = 3
-  attn_first_stage: bool = True
+  attn_stages: Sequence[int] = (0,)
   out_channels: int = 3
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z):
+  def __call__(self, z: jax.Array) -> jax.Array:
+    if z.shape[-1] != self.code_dim:
+      raise ValueError(f"expected codes of dim {self.code_dim}, got {z.shape}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = z.astype(self.dtype)
     top = self.width * self.channel_mults[0]
-    x = conv(top, 1, name="pre_decode", dtype=self.dtype)(x)
-    x = conv(top, 3, name="conv_in", dtype=self.dtype)(x)
-    x = ResBlock(top, self.dtype, name="mid_res1")(x)
-    x = AttnBlock2d(self.dtype, name="mid_attn")(x)
-    x = ResBlock(top, self.dtype, name="mid_res2")(x)
+    x = conv(top, 1, name="pre_decode", **kw)(x)
+    x = conv(top, 3, name="conv_in", **kw)(x)
+    x = ResBlock(top, name="mid_res1", **kw)(x)
+    x = AttnBlock2d(name="mid_attn", **kw)(x)
+    x = ResBlock(top, name="mid_res2", **kw)(x)
     for s, mult in enumerate(self.channel_mults):
       for r in range(self.num_res_blocks):
-        x = ResBlock(self.width * mult, self.dtype, name=f"stage{s}_res{r}")(x)
-        if s == 0 and self.attn_first_stage:
-          x = AttnBlock2d(self.dtype, name=f"stage{s}_attn{r}")(x)
+        x = ResBlock(self.width * mult, name=f"stage{s}_res{r}", **kw)(x)
+        if s in tuple(self.attn_stages):
+          x = AttnBlock2d(name=f"stage{s}_attn{r}", **kw)(x)
       if s < len(self.channel_mults) - 1:
-        x = Upsample(self.dtype, name=f"stage{s}_up")(x)
-    x = nn.silu(group_norm(x.shape[-1], "norm_out", self.dtype)(x))
-    return conv(self.out_channels, 3, name="conv_out", dtype=self.dtype)(x).astype(jnp.float32)
+        x = Upsample(name=f"stage{s}_up", **kw)(x)
+    x = nn.silu(group_norm(x.shape[-1], "norm_out", **kw)(x))
+    return conv(self.out_channels, 3, name="conv_out", **kw)(x).astype(jnp.float32)
