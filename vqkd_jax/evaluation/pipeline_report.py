@@ -16,16 +16,8 @@ import numpy as np
 from vqkd_jax.evaluation import metrics as metrics_lib
 from vqkd_jax.evaluation.frechet import FeatureStatistics, frechet_distance
 from vqkd_jax.evaluation.images import save_grid
-from vqkd_jax.evaluation.report import write_report
+from vqkd_jax.evaluation.report import SKELETON_COLUMNS, write_report
 
-COLUMNS = [
-    ("tokenizer", "Tokenizer", "{}"),
-    ("codebook_usage", "Codebook usage (%)", "{:.1f}"),
-    ("psnr", "PSNR (dB)", "{:.2f}"),
-    ("ppl", "PPL", "{:.2f}"),
-    ("fd_eval", "FD_eval (evaluator features, not FID)", "{:.2f}"),
-    ("sample_accuracy", "Sample class acc.", "{:.3f}"),
-]
 
 
 def evaluate_pipeline(stage_dirs: dict, ar_config, report_cfg, out_dir: str,
@@ -37,7 +29,7 @@ def evaluate_pipeline(stage_dirs: dict, ar_config, report_cfg, out_dir: str,
     ar_config: the AR stage's config (its data group names the validation split).
     report_cfg: num_samples, cfg_scale, temperature, top_k, top_p, seed.
     out_dir: where grids go.
-  Returns: the row (dict) with the COLUMNS keys and timings.
+  Returns: the row (dict) with the report.SKELETON_COLUMNS keys and timings.
   """
   from vqkd_jax.api import Generator
   from vqkd_jax.train import ar as ar_stage
@@ -112,5 +104,5 @@ def evaluate_pipeline(stage_dirs: dict, ar_config, report_cfg, out_dir: str,
 
 def write_table(rows: list[dict], out_dir: str, notes: list[str]) -> str:
   """report.md + report.json under out_dir; returns the markdown."""
-  return write_report(rows, COLUMNS, out_dir, title="vqkd_jax walking skeleton (built-in dataset)",
+  return write_report(rows, SKELETON_COLUMNS, out_dir, title="vqkd_jax walking skeleton (built-in dataset)",
                       notes=notes)
