@@ -24,3 +24,15 @@ def test_override_with_separate_value(tmp_path, capsys):
   rc = cli.main(["train", "--config", "configs/demo/teacher.py:runlocal", "--workdir",
                  str(tmp_path), "--config.optimizer.lr", "fast"])
   assert rc == 2 and "'optimizer.lr' expects float" in capsys.readouterr().err
+
+
+def test_step_flops_counts_matmuls_in_closed_form():
+  import jax
+  import jax.numpy as jnp
+
+  from vqkd_jax.bench import step_flops
+
+  f = jax.jit(lambda a, b, c: jnp.tanh(a @ b) @ c)
+  lowered = f.lower(jnp.ones((128, 256)), jnp.ones((256, 64)), jnp.ones((64, 32)))
+  matmuls = 2 * 128 * 256 * 64 + 2 * 128 * 64 * 32
+  assert matmuls <= step_flops(lowered) <= matmuls * 1.05
