@@ -51,7 +51,24 @@ def _to_json_value(v) -> Any:
 
 # ------------------------------------------------------------------------------------------ JSONL
 
-class JsonlWriter:
+class _FileWriter:
+  """Flush/close/context-manager behaviour shared by the writers that own one open file `_file`."""
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class JsonlWriter(_FileWriter):
   """Appends one JSON object per write to `path` and flushes it.
 
   Scalars: {"step": int, "time": unix seconds, <metric>: number, ...} (flat, so that e.g.
@@ -79,18 +96,6 @@ class JsonlWriter:
   def write_images(self, step: int, name: str, path: str) -> None:
     self._write({"step": int(step), "time": time.time(), "images": {name: os.fspath(path)}})
 
-  def flush(self) -> None:
-    self._file.flush()
-
-  def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -205,7 +210,7 @@ def encode_event(wall_time: float, step: int, *, file_version: str | None = None
 
 # ---------------------------------------------------------------------------------- TensorBoard
 
-class TensorBoardWriter:
+class TensorBoardWriter(_FileWriter):
   """Scalar and image summaries in `logdir/events.out.tfevents.<time>.<host>`.
 
   purge_step: when resuming a run from a checkpoint at this step, a SessionLog START event at that
@@ -255,18 +260,6 @@ class TensorBoardWriter:
     self._write(encode_event(time.time(), step,
                              summary_values=[_image_value(name, height, width, colorspace, data)]))
 
-  def flush(self) -> None:
-    self._file.flush()
-
-  def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 # ------------------------------------------------------------------------------------ fan out
