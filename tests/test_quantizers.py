@@ -306,3 +306,117 @@ def test_statistics_on_8_devices_equal_one_device():
                        text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------ FSQ (upstream §3.3)
+
+
+def np_fsq(x, levels, eps=1e-3):
+  """Upstream's formula as written there: m = (L-1)(1-eps), o = (L-1) mod 2,
+  z = (tanh(x + atanh(o/m)) m - o) / 2, round, / (L // 2); index = sum digit_i prod_{j<i} L_j."""
+  L = np.asarray(levels, np.float64)
+  m = (L - 1) * (1 - eps)
+  o = np.mod(L - 1, 2)
+  z = (np.tanh(x + np.arctanh(o / m)) * m - o) / 2
+  r = np.round(z)
+  half = np.floor(L / 2)
+  digits = (r + half).astype(np.int64)
+  basis = np.concatenate([[1], np.cumprod(L[:-1])]).astype(np.int64)
+  return r / half, (digits * basis).sum(-1)
+
+
+@pytest.mark.parametrize("levels", [(8, 8, 5, 5, 5), (8, 8, 8, 5, 5, 5)])
+def test_fsq_matches_upstream_formula_and_round_trips(levels):
+  x = np.random.RandomState(0).normal(0, 2.0, (64, 9, len(levels))).astype(np.float32)
+  out = quantizers.FSQ(levels).apply({}, jnp.asarray(x))
+  codes, idx = np_fsq(x.astype(np.float64), levels)
+  np.testing.assert_allclose(np.asarray(out["quantized"]), codes, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["indices"]), idx)
+  # Every one of the prod(levels) indices maps to a code and back exactly, and codes are distinct.
+  k = int(np.prod(levels))
+  all_codes = quantizers.fsq_indices_to_codes(jnp.arange(k), levels)
+  np.testing.assert_array_equal(np.asarray(quantizers.fsq_codes_to_indices(all_codes, levels)),
+                                np.arange(k))
+  assert len(np.unique(np.asarray(all_codes), axis=0)) == k
+  assert float(jnp.min(all_codes)) == -1.0 and float(jnp.max(all_codes)) <= 1.0
+  assert float(out["usage_counts"].sum()) == 64 * 9
+
+
+def test_fsq_straight_through_gradient_is_the_bounding_derivative():
+  levels = (8, 5)
+  x = jnp.asarray([[0.3, -0.7], [1.2, 0.1]])
+  g = jax.grad(lambda x: jnp.sum(quantizers.FSQ(levels).apply({}, x)["quantized"]))(x)
+  half = jnp.asarray([4.0, 2.0])
+  g_ref = jax.grad(lambda x: jnp.sum(quantizers.fsq_bound(x, levels) / half))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ Gradient-trained VQ
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_vector_quantizer_assignment_losses_and_ste(distance):
+  rs = np.random.RandomState(1)
+  x = rs.normal(size=(6, 5, D)).astype(np.float32)
+  vq = quantizers.VectorQuantizer(K, D, distance=distance, beta=0.25)
+  params = nn.unbox(vq.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+  e = np.asarray(params["params"]["embedding"]).astype(np.float64)
+  assert np.all(np.abs(e) <= 1.0 / K)                      # U(-1/K, 1/K) init
+  e = rs.normal(size=(K, D))                                 # a codebook with clear assignments
+  params = {"params": {"embedding": jnp.asarray(e, jnp.float32)}}
+  out = vq.apply(params, jnp.asarray(x))
+  flat = x.reshape(-1, D).astype(np.float64)
+  if distance == "l2":
+    d = ((flat[:, None] - e[None]) ** 2).sum(-1)
+  else:
+    d = 1 - np_normalize(flat) @ np_normalize(e).T
+  idx = d.argmin(1)
+  np.testing.assert_array_equal(np.asarray(out["indices"]).ravel(), idx)
+  z = e[idx]
+  mse = ((z - flat) ** 2).mean()
+  np.testing.assert_allclose(float(out["codebook_loss"]), mse, rtol=1e-5)
+  np.testing.assert_allclose(float(out["loss"]), 1.25 * mse, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["quantized"]).reshape(-1, D), z, rtol=1e-5, atol=1e-6)
+  # Gradients: identity to x through the STE plus beta * 2 (x - z) / (N D) from the commitment;
+  # the codebook gets 2 (z - x) / (N D) from the codebook loss only.
+  def f(p, x):
+    o = vq.apply(p, x)
+    return jnp.sum(o["quantized"]) + o["loss"]
+  gp, gx = jax.grad(f, argnums=(0, 1))(params, jnp.asarray(x))
+  n = flat.size
+  np.testing.assert_allclose(np.asarray(gx).reshape(-1, D), 1 + 0.25 * 2 * (flat - z) / n,
+                             rtol=1e-4, atol=1e-6)
+  ge = np.zeros_like(e)
+  np.add.at(ge, idx, 2 * (z - flat) / n)
+  np.testing.assert_allclose(np.asarray(gp["params"]["embedding"]), ge, rtol=1e-4, atol=1e-7)
+
+
+def test_cvq_anchors_against_numpy_reference():
+  """CVQ-VAE (upstream §3.4): p <- EMA(p, frequency); anchor_k = the batch feature nearest to code
+  k; the step's codes are decay_k E_k + (1 - decay_k) anchor_k with
+  decay_k = 1 - exp(-p_k K 10 / (1 - 0.99) - 1e-3); apply_anchors writes that into the parameter."""
+  rs = np.random.RandomState(2)
+  x = rs.normal(size=(40, D)).astype(np.float32)
+  e = rs.normal(size=(K, D)).astype(np.float32)
+  e[5:] += 20.0                                    # codes 5.. are far away: dead
+  vq = quantizers.VectorQuantizer(K, D, distance="cosine", beta=0.0, anchors=True)
+  v = nn.unbox(vq.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+  v = {"params": {"embedding": jnp.asarray(e)}, "codebook": v["codebook"]}
+  out, state = vq.apply(v, jnp.asarray(x), train=True, mutable=["codebook"])
+  d = 1 - np_normalize(x.astype(np.float64)) @ np_normalize(e.astype(np.float64)).T
+  idx = d.argmin(1)
+  p = 0.01 * np.bincount(idx, minlength=K) / len(x)
+  decay = 1 - np.exp(-p * K * 10 / 0.01 - 1e-3)
+  anchor = x[d.argmin(0)]
+  mixed = decay[:, None] * e + (1 - decay[:, None]) * anchor
+  np.testing.assert_allclose(np.asarray(state["codebook"]["usage_ema"]), p, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(state["codebook"]["anchor"]), anchor, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["indices"]), idx)   # assignment before the update
+  params, _ = quantizers.apply_anchors(v["params"], state)
+  np.testing.assert_allclose(np.asarray(params["embedding"]), mixed, rtol=1e-4, atol=1e-5)
+  dead = np.bincount(idx, minlength=K) == 0
+  assert dead.any()
+  np.testing.assert_allclose(np.asarray(params["embedding"])[dead], anchor[dead], atol=5e-2)  # E ~ 20 away
+  # Before any training call the anchor weight is 0: apply_anchors changes nothing.
+  unchanged, _ = quantizers.apply_anchors(v["params"], v)
+  np.testing.assert_array_equal(np.asarray(unchanged["embedding"]), e)

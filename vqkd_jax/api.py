@@ -14,26 +14,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqkd_jax.train.common import to_uint8, to_unit_range
+from vqkd_jax.train.common import to_uint8
 
 
 class Tokenizer:
-  """A frozen tokenizer (and optionally its pixel decoder): images <-> code indices."""
+  """A frozen tokenizer (any tokenizer stage) and its pixel decoder: images <-> code indices.
 
-  def __init__(self, tokenizer_workdir: str, decoder_workdir: str | None = None,
-               precision: str = "float32"):
+  VQGAN and FSQ tokenizers decode pixels themselves; VQ-KD and Cluster codes need the pixel decoder
+  trained on them (`decoder_workdir`)."""
+
+  def __init__(self, tokenizer, decoder_workdir: str | None = None, precision: str = "float32"):
+    """`tokenizer`: a work directory or an already loaded tokenizers.frozen.FrozenTokenizer."""
+    from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
     from vqkd_jax.train import pixel_decoder as decoder_stage
-    from vqkd_jax.train import vqkd as vqkd_stage
 
-    self.model, self.variables = vqkd_stage.load_tokenizer(tokenizer_workdir, precision)
-    self.num_codes = self.model.num_codes
-    self._encode = jax.jit(lambda v, x: self.model.apply(v, to_unit_range(x), method="encode"))
+    self.frozen = (load_frozen_tokenizer(tokenizer, precision) if isinstance(tokenizer, str)
+                   else tokenizer)
+    self.variables = self.frozen.variables
+    self.num_codes = self.frozen.num_codes
+    self._encode = jax.jit(self.frozen.encode)
     self._decode = None
-    if decoder_workdir is not None:
+    if self.frozen.decode is not None:
+      self._decode = jax.jit(lambda idx: self.frozen.decode(self.variables, idx))
+    elif decoder_workdir is not None:
       decoder, decoder_vars = decoder_stage.load_decoder(decoder_workdir, precision)
 
       def decode(tok_vars, dec_vars, indices):
-        z = self.model.apply(tok_vars, indices, method="lookup")
+        z = self.frozen.lookup(tok_vars, indices)
         return to_uint8(decoder.apply(dec_vars, z))
 
       self._decode = jax.jit(lambda idx: decode(self.variables, decoder_vars, idx))
@@ -43,9 +50,10 @@ class Tokenizer:
     return np.asarray(self._encode(self.variables, jnp.asarray(images_uint8)))
 
   def decode(self, indices: np.ndarray) -> np.ndarray:
-    """Code indices [B, h, w] -> uint8 images [B, H, W, 3] (needs the pixel decoder)."""
+    """Code indices [B, h, w] -> uint8 images [B, H, W, 3] (VQ-KD / Cluster: needs the pixel
+    decoder)."""
     if self._decode is None:
-      raise ValueError("this Tokenizer was loaded without a pixel decoder")
+      raise ValueError(f"this {self.frozen.stage} tokenizer was loaded without a pixel decoder")
     return np.asarray(self._decode(jnp.asarray(indices)))
 
 
@@ -59,7 +67,7 @@ class Generator:
     self.num_classes = info["num_classes"]
     self.codebook_size = info["codebook_size"]
     self.grid = info["grid"]
-    self.tokenizer = Tokenizer(info["tokenizer_workdir"], decoder_workdir, precision)
+    self.tokenizer = Tokenizer(info["tokenizer"], decoder_workdir, precision)
 
   @classmethod
   def from_workdir(cls, workdir: str, precision: str = "float32") -> "Generator":

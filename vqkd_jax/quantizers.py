@@ -187,6 +187,211 @@ class CosineCodebook(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Gradient-trained codebook (VQGAN, CVQ-VAE, Cluster) and the finite scalar quantizer (FSQ)
+
+
+def pairwise_distance(x: jax.Array, codes: jax.Array, distance: str) -> jax.Array:
+  """[N, D] x [K, D] -> [N, K] float32: squared Euclidean ("l2"; same argmin as torch.cdist) or
+  1 - cos ("cosine"), in float32 at HIGHEST precision."""
+  x = x.astype(jnp.float32)
+  codes = codes.astype(jnp.float32)
+  if distance == "cosine":
+    return 1.0 - jnp.einsum("nd,kd->nk", l2_normalize(x), l2_normalize(codes), precision=_HIGHEST)
+  if distance == "l2":
+    cross = jnp.einsum("nd,kd->nk", x, codes, precision=_HIGHEST)
+    return (jnp.sum(x * x, -1, keepdims=True) - 2.0 * cross + jnp.sum(codes * codes, -1)[None])
+  raise ValueError(f"unknown distance {distance!r}: l2, cosine")
+
+
+def anchor_decay(usage_ema: jax.Array, num_codes: int, ema: float = 0.99) -> jax.Array:
+  """CVQ-VAE's per-code mixing weight (upstream §3.4): 1 - exp(-p_k K 10 / (1 - ema) - 1e-3).
+  Used codes get ~1 (kept); dead codes (p ~ 0) get ~1e-3 (replaced by their anchor)."""
+  return 1.0 - jnp.exp(-usage_ema * num_codes * 10.0 / (1.0 - ema) - 1e-3)
+
+
+class VectorQuantizer(nn.Module):
+  """A codebook trained by gradient (VQGAN §3.1; Cluster §3.7 with `anchors`), straight-through.
+
+  Attributes:
+    num_codes, code_dim: K and D.
+    distance: "l2" (VQGAN) or "cosine" (CVQ-VAE, Cluster): the assignment argmin.
+    beta: commitment weight: loss = codebook_weight * mean((z - sg(x))^2) + beta * mean((sg(z) - x)^2)
+      (VQGAN: beta 0.25; Cluster: beta 0, the codebook loss alone).
+    normalize: l2-normalise inputs and codes before assignment and loss (LlamaGen's NormalizeCallback).
+    anchors: CVQ-VAE dead-code replacement (§3.4). The "codebook" collection holds `usage_ema` [K]
+      (EMA `anchor_ema` of the global code frequency) and, from each training call, `anchor` [K, D]
+      (every code's nearest feature in the global batch) and `anchor_weight` [K] = 1 - decay_k.
+      This step's lookup already uses decay_k E_k + (1 - decay_k) anchor_k (as upstream's callback
+      does before the decode); `apply_anchors` (Objective.after_update) then mixes the anchors into
+      the optimizer-updated parameter, since a loss cannot write parameters.
+    axis_name: pmap axis for the global statistics (None under jit).
+
+  Params: `embedding` [K, D] (logical names codebook, code), init U(-1/K, 1/K) as upstream.
+  """
+  num_codes: int
+  code_dim: int
+  distance: str = "l2"
+  beta: float = 0.25
+  codebook_weight: float = 1.0
+  normalize: bool = False
+  anchors: bool = False
+  anchor_ema: float = 0.99
+  axis_name: Any = None
+
+  def setup(self):
+    k = self.num_codes
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1.0 / k, 1.0 / k)
+    self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("codebook", "code")),
+                                (self.num_codes, self.code_dim))
+    if self.anchors:
+      zeros = lambda *shape: (lambda: jnp.zeros(shape, jnp.float32))
+      self.usage_ema = self.variable("codebook", "usage_ema", zeros(self.num_codes))
+      self.anchor = self.variable("codebook", "anchor", zeros(self.num_codes, self.code_dim))
+      self.anchor_weight = self.variable("codebook", "anchor_weight", zeros(self.num_codes))
+
+  def _cross_device(self) -> bool:
+    return self.axis_name is not None and not self.is_initializing()
+
+  def codes(self) -> jax.Array:
+    e = self.embedding.astype(jnp.float32)
+    return l2_normalize(e) if self.normalize else e
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """Code vectors [..., D] of int indices [...] (normalised when `normalize`)."""
+    return jnp.take(self.codes(), indices, axis=0)
+
+  def _anchors(self, x: jax.Array, dist: jax.Array) -> jax.Array:
+    """For each code the global batch's nearest feature: [N, D], [N, K] -> [K, D]."""
+    best = jnp.min(dist, axis=0)
+    nearest = jnp.take(x, jnp.argmin(dist, axis=0), axis=0)
+    if self._cross_device():  # The device holding the globally nearest feature wins.
+      all_best = jax.lax.all_gather(best, self.axis_name)           # [P, K]
+      all_near = jax.lax.all_gather(nearest, self.axis_name)        # [P, K, D]
+      winner = jnp.argmin(all_best, axis=0)
+      nearest = jnp.take_along_axis(all_near, winner[None, :, None], axis=0)[0]
+    return nearest
+
+  def __call__(self, x: jax.Array, train: bool = False) -> dict:
+    """x [..., D] -> dict: quantized [..., D] (x + sg(z - x)), indices int32 [...], loss,
+    codebook_loss, commitment_loss (this device's mean), usage_counts [K] (global)."""
+    shape = x.shape[:-1]
+    if x.shape[-1] != self.code_dim:
+      raise ValueError(f"expected features of dim {self.code_dim}, got {x.shape}")
+    flat = x.reshape(-1, self.code_dim).astype(jnp.float32)
+    if self.normalize:
+      flat = l2_normalize(flat)
+    codes = self.codes()
+    dist = pairwise_distance(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(codes), self.distance)
+    idx = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    counts = jnp.bincount(idx, length=self.num_codes).astype(jnp.float32)
+    if self._cross_device():
+      counts = jax.lax.psum(counts, self.axis_name)
+    out = {}
+    if self.anchors and train and not self.is_initializing():
+      freq = counts / jnp.maximum(jnp.sum(counts), 1.0)
+      p = self.anchor_ema * self.usage_ema.value + (1.0 - self.anchor_ema) * freq
+      self.usage_ema.value = p
+      decay = anchor_decay(p, self.num_codes, self.anchor_ema)
+      anchor = jax.lax.stop_gradient(self._anchors(jax.lax.stop_gradient(flat), dist))
+      self.anchor.value, self.anchor_weight.value = anchor, 1.0 - decay
+      codes = decay[:, None] * codes + (1.0 - decay[:, None]) * anchor  # gradient still reaches E
+    z = jnp.take(codes, idx, axis=0)
+    codebook_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(flat)))
+    commitment = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - flat))
+    quantized = flat + jax.lax.stop_gradient(z - flat)
+    out.update(quantized=quantized.reshape(*shape, self.code_dim).astype(x.dtype),
+               indices=idx.reshape(shape),
+               loss=self.codebook_weight * codebook_loss + self.beta * commitment,
+               codebook_loss=codebook_loss, commitment_loss=commitment, usage_counts=counts)
+    return out
+
+
+def apply_anchors(params, model_state):
+  """Objective.after_update for quantizers with `anchors`: every params subtree holding an
+  `embedding` whose "codebook" state holds `anchor_weight` w and `anchor` a becomes
+  (1 - w) E + w a (w = 0 before the first training step: unchanged)."""
+  def walk(p, c):
+    if not isinstance(p, dict) or not isinstance(c, dict):
+      return p
+    if "embedding" in p and "anchor_weight" in c:
+      w = c["anchor_weight"][:, None]
+      return dict(p, embedding=((1.0 - w) * p["embedding"] + w * c["anchor"]).astype(
+          p["embedding"].dtype))
+    return {k: walk(v, c.get(k, {})) for k, v in p.items()}
+
+  return walk(params, (model_state or {}).get("codebook", {})), model_state
+
+
+def fsq_bound(z: jax.Array, levels) -> jax.Array:
+  """FSQ's bounding (upstream §3.3, eps 1e-3): per channel with L levels,
+  half = (L - 1)(1 - eps) / 2, offset = 0.5 if L even else 0,
+  bound(z) = tanh(z + atanh(offset / half)) * half - offset; rounding it gives the L integers
+  -floor(L/2) .. ceil(L/2) - 1."""
+  levels = jnp.asarray(levels, jnp.float32)
+  half = (levels - 1.0) * (1.0 - 1e-3) / 2.0
+  offset = jnp.where(jnp.mod(levels, 2) == 0, 0.5, 0.0)
+  shift = jnp.arctanh(offset / half)
+  return jnp.tanh(z + shift) * half - offset
+
+
+def fsq_basis(levels) -> jnp.ndarray:
+  """Mixed-radix place values: the first channel is the least significant digit."""
+  import numpy as np
+  return jnp.asarray(np.concatenate([[1], np.cumprod(levels[:-1])]).astype(np.int32))
+
+
+def fsq_codes_to_indices(codes: jax.Array, levels) -> jax.Array:
+  """Quantized codes in [-1, 1] [..., C] -> int32 token ids [...]: digit = code * (L // 2) + L // 2,
+  id = sum_i digit_i prod_{j<i} L_j."""
+  half = jnp.asarray([l // 2 for l in levels], jnp.float32)
+  digits = jnp.round(codes.astype(jnp.float32) * half + half).astype(jnp.int32)
+  return jnp.sum(digits * fsq_basis(levels), axis=-1).astype(jnp.int32)
+
+
+def fsq_indices_to_codes(indices: jax.Array, levels) -> jax.Array:
+  """Inverse of fsq_codes_to_indices: int ids [...] -> codes [..., C] = digit / (L // 2) - 1."""
+  lv = jnp.asarray(levels, jnp.int32)
+  digits = (indices[..., None] // fsq_basis(levels)) % lv
+  half = jnp.asarray([l // 2 for l in levels], jnp.float32)
+  return digits.astype(jnp.float32) / half - 1.0
+
+
+class FSQ(nn.Module):
+  """Finite scalar quantization (upstream §3.3): levels [8, 8, 5, 5, 5] (8000 codes) or
+  [8, 8, 8, 5, 5, 5] (64000). No parameters, no loss.
+
+  __call__(x [..., len(levels)]) -> dict: quantized [..., C] in [-1, 1] (round with a
+  straight-through gradient of the bounding, divided by L // 2), indices int32 [...], loss 0,
+  usage_counts [K] (global under pmap with axis_name)."""
+  levels: tuple[int, ...]
+  axis_name: Any = None
+
+  @property
+  def num_codes(self) -> int:
+    import math
+    return math.prod(self.levels)
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    return fsq_indices_to_codes(indices, self.levels)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> dict:
+    del train
+    if x.shape[-1] != len(self.levels):
+      raise ValueError(f"FSQ with {len(self.levels)} levels expects {len(self.levels)} channels, "
+                       f"got {x.shape}")
+    z = fsq_bound(x.astype(jnp.float32), self.levels)
+    rounded = z + jax.lax.stop_gradient(jnp.round(z) - z)
+    half = jnp.asarray([l // 2 for l in self.levels], jnp.float32)
+    quantized = rounded / half
+    idx = fsq_codes_to_indices(jax.lax.stop_gradient(quantized), self.levels)
+    counts = jnp.bincount(idx.reshape(-1), length=self.num_codes).astype(jnp.float32)
+    if self.axis_name is not None and not self.is_initializing():
+      counts = jax.lax.psum(counts, self.axis_name)
+    return {"quantized": quantized.astype(x.dtype), "indices": idx, "loss": jnp.zeros(()),
+            "usage_counts": counts}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Codebook statistics of a histogram of code indices (jit-friendly; numpy versions: evaluation.metrics)
 
 

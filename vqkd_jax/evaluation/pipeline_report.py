@@ -55,8 +55,7 @@ def evaluate_pipeline(stage_dirs: dict, ar_config, report_cfg, out_dir: str,
   # Proposal network: perplexity on validation tokens.
   row["ppl"] = ar_stage.validation_perplexity(
       ar_config, gen.model, gen.variables,
-      lambda x: tok.model.apply(tok.variables, x.astype(np.float32) / 127.5 - 1,
-                                method="encode").reshape(x.shape[0], -1),
+      lambda x: tok.frozen.encode(tok.variables, x).reshape(x.shape[0], -1),
       gen.num_classes)
 
   # Samples: one per validation label (first num_samples), decoded and scored by the evaluator.

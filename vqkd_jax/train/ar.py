@@ -12,16 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqkd_jax.proposal import ar as ar_lib
-from vqkd_jax.train import vqkd as vqkd_stage
-from vqkd_jax.train.common import compute_dtype, to_unit_range, variables
+from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
+from vqkd_jax.train.common import compute_dtype, variables
 from vqkd_jax.train.objective import EvalContext, Objective
-
-
-def token_grid(tokenizer, tokenizer_vars, image_size: int) -> tuple[int, int]:
-  shape = jax.eval_shape(
-      lambda v, x: tokenizer.apply(v, x, method="encode"), tokenizer_vars,
-      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)).shape
-  return shape[1], shape[2]
 
 
 def build_model(model_cfg, *, num_classes: int, codebook_size: int, num_image_tokens: int,
@@ -32,14 +25,14 @@ def build_model(model_cfg, *, num_classes: int, codebook_size: int, num_image_to
 
 
 def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
-  tokenizer, tokenizer_vars = vqkd_stage.load_tokenizer(config.tokenizer_workdir, config.precision)
-  h, w = token_grid(tokenizer, tokenizer_vars, config.data.image_size)
+  tokenizer = load_frozen_tokenizer(config.tokenizer_workdir, config.precision)
+  h, w = tokenizer.grid(config.data.image_size)
   num_classes, codebook_size = config.data.num_classes, tokenizer.num_codes
   model = build_model(config.model, num_classes=num_classes, codebook_size=codebook_size,
                       num_image_tokens=h * w, precision=config.precision)
 
   def image_tokens(tok_vars, images_uint8):
-    idx = tokenizer.apply(tok_vars, to_unit_range(images_uint8), method="encode")
+    idx = tokenizer.encode(tok_vars, images_uint8)
     return idx.reshape(idx.shape[0], -1)
 
   def init(rng, batch):
@@ -59,7 +52,7 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
         config, model, variables(ctx.params, ctx.model_state),
         lambda images: image_tokens(ctx.frozen["tokenizer"], images), num_classes)}
 
-  return Objective(init=init, loss=loss, frozen={"tokenizer": tokenizer_vars}, evaluate=evaluate)
+  return Objective(init=init, loss=loss, frozen={"tokenizer": tokenizer.variables}, evaluate=evaluate)
 
 
 def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int) -> float:
@@ -81,15 +74,16 @@ def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int
 
 
 def load_ar(workdir: str, precision: str = "float32"):
-  """(module, variables, info) of a trained AR stage; info has num_classes, codebook_size, grid."""
+  """(module, variables, info) of a trained AR stage; info has num_classes, codebook_size, grid,
+  tokenizer_workdir and tokenizer (the FrozenTokenizer, loaded once)."""
   from vqkd_jax.train.loop import load_trained
 
   trained = load_trained(workdir)
   cfg = trained["config"]
-  tokenizer, tokenizer_vars = vqkd_stage.load_tokenizer(cfg["tokenizer_workdir"], precision)
-  h, w = token_grid(tokenizer, tokenizer_vars, cfg["data"]["image_size"])
+  tokenizer = load_frozen_tokenizer(cfg["tokenizer_workdir"], precision)
+  h, w = tokenizer.grid(cfg["data"]["image_size"])
   info = {"num_classes": cfg["data"]["num_classes"], "codebook_size": tokenizer.num_codes,
-          "grid": (h, w), "tokenizer_workdir": cfg["tokenizer_workdir"]}
+          "grid": (h, w), "tokenizer_workdir": cfg["tokenizer_workdir"], "tokenizer": tokenizer}
   model = build_model(cfg["model"], num_classes=info["num_classes"],
                       codebook_size=info["codebook_size"], num_image_tokens=h * w,
                       precision=precision)

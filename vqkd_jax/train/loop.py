@@ -231,8 +231,11 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
     if axis_name:
       grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state, model_state=model_state)
+    params = optax.apply_updates(state.params, updates)
+    if objective.after_update is not None:
+      params, model_state = objective.after_update(params, model_state)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        model_state=model_state)
     # A non-finite loss leaves the state as it was (the host then stops with an error).
     finite = jnp.isfinite(loss)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))

@@ -34,9 +34,12 @@ class Objective:
     frozen: arrays the loss reads but never trains (a teacher, a frozen tokenizer); may be None.
     evaluate: optional host-side evaluation `(EvalContext) -> dict of scalars`, writing its own
       image grids under ctx.workdir.
-    frozen_boxed: abstract frozen variables with logical boxes, used to shard `frozen` like params.
+    after_update: optional `(params, model_state) -> (params, model_state)` applied inside the
+      update step after the optimizer: non-gradient edits of parameters that the loss computed into
+      model_state (CVQ-VAE's dead-code replacement of a gradient-trained codebook).
   """
   init: Callable[[jax.Array, dict], dict]
   loss: LossFn
   frozen: Any = None
   evaluate: Callable[[EvalContext], dict] | None = None
+  after_update: Callable[[Any, dict], tuple[Any, dict]] | None = None

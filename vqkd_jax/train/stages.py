@@ -8,6 +8,7 @@ STAGES = {
     "teacher": "vqkd_jax.train.teacher",            # in-the-box supervised ViT teacher
     "evaluator": "vqkd_jax.train.evaluator",        # evaluator network for FD_eval
     "vqkd": "vqkd_jax.train.vqkd",                  # VQ-KD tokenizer distilled from a teacher
+    "cluster": "vqkd_jax.train.cluster",            # Cluster tokenizer: online-clustered teacher tokens
     "pixel_decoder": "vqkd_jax.train.pixel_decoder",  # pixels from frozen codes
     "ar": "vqkd_jax.train.ar",                      # class-conditional AR proposal network
 }

@@ -82,6 +82,21 @@ def _cos(a, b):
   return jnp.sum(a * b, axis=-1)
 
 
+def frozen_tokenizer(trained: dict, precision: str = "float32"):
+  """The trained tokenizer (`loop.load_trained` output) as a FrozenTokenizer: codes are the
+  l2-normalised codebook vectors."""
+  from vqkd_jax.tokenizers.frozen import FrozenTokenizer
+
+  cfg = trained["config"]
+  model = build_model(cfg["model"], precision)
+  return FrozenTokenizer(
+      stage="vqkd", num_codes=model.num_codes, code_dim=model.code_dim,
+      variables=variables(trained["params"], trained["model_state"]),
+      encode=lambda v, x: model.apply(v, to_unit_range(x), method="encode"),
+      lookup=lambda v, idx: model.apply(v, idx, method="lookup"),
+      image_size=cfg["data"]["image_size"])
+
+
 def load_tokenizer(workdir: str, precision: str = "float32"):
   """(module, variables) of a trained tokenizer stage, frozen (its codebook no longer updates)."""
   from vqkd_jax.train.loop import load_trained
