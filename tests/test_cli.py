@@ -26,13 +26,27 @@ def test_override_with_separate_value(tmp_path, capsys):
   assert rc == 2 and "'optimizer.lr' expects float" in capsys.readouterr().err
 
 
-def test_step_flops_counts_matmuls_in_closed_form():
+def test_step_flops_counts_matmuls_convs_and_scans_in_closed_form():
   import jax
   import jax.numpy as jnp
 
   from vqkd_jax.bench import step_flops
 
-  f = jax.jit(lambda a, b, c: jnp.tanh(a @ b) @ c)
-  lowered = f.lower(jnp.ones((128, 256)), jnp.ones((256, 64)), jnp.ones((64, 32)))
-  matmuls = 2 * 128 * 256 * 64 + 2 * 128 * 64 * 32
-  assert matmuls <= step_flops(lowered) <= matmuls * 1.05
+  def f(a, b, c, img, k):
+    h = jnp.tanh(a @ b) @ c
+    y = jax.lax.conv_general_dilated(img, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    s, _ = jax.lax.scan(lambda x, _: (x @ c.T @ c, None), h, None, length=3)
+    # A cond counts its cheapest branch (the steady state), here the identity.
+    z = jax.lax.cond(a[0, 0] > 0, lambda x: x, lambda x: x @ b @ b.T, a)
+    return h.sum() + y.sum() + s.sum() + z.sum()
+
+  args = (jnp.ones((128, 256)), jnp.ones((256, 64)), jnp.ones((64, 32)), jnp.ones((2, 8, 8, 3)),
+          jnp.ones((3, 3, 3, 16)))
+  expected = (2 * 128 * 256 * 64 + 2 * 128 * 64 * 32          # the two matmuls
+              + 2 * (2 * 8 * 8 * 16) * (3 * 3 * 3)             # conv: outputs x kernel x C_in
+              + 3 * 2 * (2 * 128 * 32 * 64))                   # 3 scan trips of two matmuls
+  assert step_flops(jax.jit(f), *args) == expected
+  # Forward + backward of a matmul: 3x the forward.
+  g = jax.grad(lambda a, b: jnp.sum(a @ b), argnums=(0, 1))
+  assert step_flops(g, args[0], args[1]) == 3 * 2 * 128 * 256 * 64

@@ -49,9 +49,11 @@ def test_all_strategies_match_one_device(tmp_path):
       results = {{}}
       runs = [("single", "dp", 1, {{}}), ("pmap", "pmap", 8, {{}}), ("dp", "dp", 8, {{}}),
               ("fsdp", "fsdp", 8, {{}}), ("tp", "tp", 8, {{}}),
-              ("fsdp_tp", "fsdp_tp", 8, {{"fsdp": 4, "tensor": 2}})]
+              ("fsdp_tp", "fsdp_tp", 8, {{"fsdp": 4, "tensor": 2}}),
+              ("fsdp_host_init", "fsdp", 8, {{}})]
       for name, strategy, n, mesh in runs:
         c = toy_config(parallel__strategy=strategy, parallel__num_devices=n, checkpoint_every=100)
+        c.parallel.init_on = "host" if name.endswith("host_init") else "device"
         for k, v in mesh.items():
           c.parallel.mesh[k] = v
         axis = "batch" if strategy == "pmap" else None
@@ -67,7 +69,7 @@ def test_all_strategies_match_one_device(tmp_path):
   single = {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith("single/")}
   assert len(single["loss"]) == 6
   assert any("codebook" in k for k in single), "codebook state must be compared too"
-  for strategy in ("pmap", "dp", "fsdp", "tp", "fsdp_tp"):
+  for strategy in ("pmap", "dp", "fsdp", "tp", "fsdp_tp", "fsdp_host_init"):
     for key, ref in single.items():
       got = res[f"{strategy}/{key}"]
       if ref.dtype == bool or np.issubdtype(ref.dtype, np.integer):

@@ -177,7 +177,7 @@ def training_config(stage: str, **fields) -> ml_collections.ConfigDict:
       augmentation="none", synthetic=False, num_classes=12))
   config.optimizer = optimizer_config()
   config.parallel = ml_collections.ConfigDict(dict(
-      strategy="dp", num_devices=0,
+      strategy="dp", num_devices=0, init_on="auto",
       mesh=ml_collections.ConfigDict(dict(data=None, fsdp=None, tensor=None))))
   config.log_every = 50
   config.eval_every = 0

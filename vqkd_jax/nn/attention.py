@@ -24,12 +24,16 @@ class MultiHeadAttention(nn.Module):
     use_bias: biases on the q, k, v and output projections.
     out_init_std: std of the output projection (scaled by depth in ViTs).
     dtype: computation dtype.
+    implementation: "xla" (einsums, float32 scores and softmax), "cudnn" (fused flash attention),
+      or "auto": cudnn on GPU in bfloat16/float16 without a mask (head dim a multiple of 8, at
+      most 128), xla otherwise.
   """
   num_heads: int
   causal: bool = False
   use_bias: bool = True
   out_init_std: float = 0.02
   dtype: Dtype = jnp.float32
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -42,7 +46,7 @@ class MultiHeadAttention(nn.Module):
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     if mask is None and self.causal:
       mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
-    y = dot_product_attention(q, k, v, mask, self.dtype)
+    y = dot_product_attention(q, k, v, mask, self.dtype, self.implementation)
     return nn.DenseGeneral(
         d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
         kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
@@ -50,8 +54,30 @@ class MultiHeadAttention(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
 
 
-def dot_product_attention(q, k, v, mask, dtype):
-  """softmax(q k^T / sqrt(d)) v with an optional boolean mask [B, 1|H, Lq, Lk]; softmax in float32."""
+def use_cudnn(implementation: str, q: jax.Array, mask) -> bool:
+  """Whether `implementation` ("auto" | "xla" | "cudnn") means cuDNN's fused attention here."""
+  if implementation not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"attention implementation {implementation!r}: auto, xla, cudnn")
+  if implementation != "auto":
+    return implementation == "cudnn"
+  hd = q.shape[-1]
+  return (mask is None and jax.default_backend() == "gpu"
+          and q.dtype in (jnp.bfloat16, jnp.float16) and hd % 8 == 0 and hd <= 128)
+
+
+def dot_product_attention(q, k, v, mask, dtype, implementation: str = "xla"):
+  """softmax(q k^T / sqrt(d)) v over [B, L, H, d] with an optional boolean mask [B, 1|H, Lq, Lk];
+  float32 scores and softmax (inside the fused kernel too)."""
+  if use_cudnn(implementation, q, mask):
+    # cuDNN wants the sequence length a multiple of 8 for its backward: pad the end and tell it
+    # the true key length so that the padded keys are masked out.
+    b, t = q.shape[:2]
+    pad = ((0, 0), (0, -t % 8), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    lengths = jnp.full((b,), t, jnp.int32)
+    y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation="cudnn")
+    return y[:, :t]
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
   if mask is not None:
