@@ -355,3 +355,33 @@ def test_bfloat16_compute_keeps_float32_params(name, module, x):
   leaves = jax.tree.leaves(out)
   assert all(jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)
              for a in leaves)
+
+
+def test_patch_conv_equals_strided_convolution():
+  """The patchify-matmul form of the ViT patch embedding against lax's strided convolution."""
+  from vqkd_jax.nn.vit import PatchConv
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 34, 32, 3))       # 34: a remainder row pair
+  m = PatchConv(8, 4)
+  v = nn.unbox(m.init(jax.random.PRNGKey(1), x))
+  v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape), v)
+  ref = jax.lax.conv_general_dilated(x, v["params"]["kernel"], (4, 4), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision="highest") + v["params"]["bias"]
+  np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_tokens_with_kv_length_leave_real_tokens_unchanged():
+  """Padding the sequence and passing kv_length (what ViTEncoder does for cuDNN) gives the real
+  tokens exactly what the unpadded block computes."""
+  from vqkd_jax.nn.vit import ViTBlock
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 16))
+  block = ViTBlock(num_heads=2)
+  v = block.init(jax.random.PRNGKey(1), x)
+  padded = jnp.pad(x, ((0, 0), (0, 3), (0, 0)), constant_values=7.0)
+  np.testing.assert_allclose(np.asarray(block.apply(v, padded, kv_length=13)[:, :13]),
+                             np.asarray(block.apply(v, x)), rtol=1e-5, atol=1e-6)
+  # Without kv_length the padding would leak into the real tokens.
+  leak = np.abs(np.asarray(block.apply(v, padded)[:, :13]) - np.asarray(block.apply(v, x))).max()
+  assert leak > 1e-4
