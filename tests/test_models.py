@@ -370,18 +370,3 @@ def test_patch_conv_equals_strided_convolution():
                                      precision="highest") + v["params"]["bias"]
   np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
-
-def test_padded_tokens_with_kv_length_leave_real_tokens_unchanged():
-  """Padding the sequence and passing kv_length (what ViTEncoder does for cuDNN) gives the real
-  tokens exactly what the unpadded block computes."""
-  from vqkd_jax.nn.vit import ViTBlock
-
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 16))
-  block = ViTBlock(num_heads=2)
-  v = block.init(jax.random.PRNGKey(1), x)
-  padded = jnp.pad(x, ((0, 0), (0, 3), (0, 0)), constant_values=7.0)
-  np.testing.assert_allclose(np.asarray(block.apply(v, padded, kv_length=13)[:, :13]),
-                             np.asarray(block.apply(v, x)), rtol=1e-5, atol=1e-6)
-  # Without kv_length the padding would leak into the real tokens.
-  leak = np.abs(np.asarray(block.apply(v, padded)[:, :13]) - np.asarray(block.apply(v, x))).max()
-  assert leak > 1e-4

@@ -36,10 +36,7 @@ class MultiHeadAttention(nn.Module):
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               kv_length: int | None = None) -> jax.Array:
-    """x [B, L, D] -> [B, L, D]; `kv_length`: only the first kv_length tokens are keys (the rest
-    is padding; see pad_for_fused_attention)."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     d = x.shape[-1]
     head_dim = d // self.num_heads
     proj = lambda name: nn.DenseGeneral(
@@ -49,7 +46,7 @@ class MultiHeadAttention(nn.Module):
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     if mask is None and self.causal:
       mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
-    y = dot_product_attention(q, k, v, mask, self.dtype, self.implementation, kv_length)
+    y = dot_product_attention(q, k, v, mask, self.dtype, self.implementation)
     return nn.DenseGeneral(
         d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
         kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
@@ -72,36 +69,23 @@ def fused_attention_available(dtype, head_dim: int) -> bool:
           and head_dim % 8 == 0 and head_dim <= 128)
 
 
-def pad_for_fused_attention(length: int, dtype, head_dim: int) -> int:
-  """Tokens to append so that a sequence of `length` suits cuDNN (a multiple of 8; 0 when the fused
-  kernel does not apply). Padding once per model, with kv_length = length in every attention,
-  replaces a pad and a slice of q, k and v in every layer (measured on an H100, ViT-B/16 training
-  at batch 256: about 6 ms of 125 per step went to those per-layer pads)."""
-  return -length % 8 if fused_attention_available(dtype, head_dim) else 0
-
-
-def dot_product_attention(q, k, v, mask, dtype, implementation: str = "xla",
-                          kv_length: int | None = None):
+def dot_product_attention(q, k, v, mask, dtype, implementation: str = "xla"):
   """softmax(q k^T / sqrt(d)) v over [B, L, H, d] with an optional boolean mask [B, 1|H, Lq, Lk];
-  float32 scores and softmax (inside the fused kernel too). `kv_length`: keys beyond it are
-  padding, masked out (their query rows are computed but meaningless)."""
+  float32 scores and softmax (inside the fused kernel too)."""
   if use_cudnn(implementation, q, mask):
-    # cuDNN wants the sequence length a multiple of 8 for its backward: pad the end (when the
-    # caller has not) and tell it the true key length so that the padded keys are masked out.
+    # cuDNN wants the sequence length a multiple of 8 for its backward: pad the end and tell it
+    # the true length so that the padded keys are masked out. (Padding the tokens once per model
+    # instead was slower on an H100, ViT-B/16 at batch 256: XLA then adds layout transposes
+    # around every attention, which the per-layer pads had absorbed: 135 vs 125 ms per step.)
     b, t = q.shape[:2]
-    valid = t if kv_length is None else kv_length
     pad = ((0, 0), (0, -t % 8), (0, 0), (0, 0))
-    if t % 8:
-      q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-    lengths = jnp.full((b,), valid, jnp.int32)
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    lengths = jnp.full((b,), t, jnp.int32)
     y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths, implementation="cudnn")
     return y[:, :t]
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
-  if kv_length is not None:
-    keys = (jnp.arange(k.shape[1]) < kv_length)[None, None, None, :]
-    mask = keys if mask is None else jnp.logical_and(mask, keys)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(dtype)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqkd_jax.nn.attention import MultiHeadAttention, pad_for_fused_attention, dense_init
+from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
 
 Dtype = Any
 
@@ -71,11 +71,10 @@ class ViTBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, kv_length: int | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     std = depth_scaled_std(self.layer_index)
     h = layer_norm("norm1", self.dtype, param_dtype=self.param_dtype)(x)
-    x = x + MultiHeadAttention(self.num_heads, out_init_std=std, dtype=self.dtype,
-                               name="attn")(h, kv_length=kv_length)
+    x = x + MultiHeadAttention(self.num_heads, out_init_std=std, dtype=self.dtype, name="attn")(h)
     h = layer_norm("norm2", self.dtype, param_dtype=self.param_dtype)(x)
     return x + Mlp(int(x.shape[-1] * self.mlp_ratio), out_init_std=std, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="mlp")(h)
@@ -93,12 +92,13 @@ class PatchConv(nn.Module):
   """A p x p convolution of stride p (VALID) computed as one matmul over flattened patches, with
   nn.Conv's parameters (kernel [p, p, C, D] named patch, patch, conv_in, conv_out; bias [D]).
   XLA:GPU ran the strided convolution as an implicit GEMM at 1.7 ms per ViT-B/16 forward at batch
-  256 on an H100; the matmul takes about 0.1 ms."""
+  256 on an H100; the matmul takes about 0.1 ms. `use_bias` False: no bias (CLIP's patch embedding)."""
   features: int
   patch_size: int
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,12 +107,14 @@ class PatchConv(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(
         self.kernel_init, ("patch", "patch", "conv_in", "conv_out")), (p, p, c, self.features),
         self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                      (self.features,), self.param_dtype)
     gh, gw = h // p, w // p
     x = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, gh, gw, p * p * c).astype(self.dtype)
     y = jnp.einsum("bhwk,kd->bhwd", x, kernel.reshape(p * p * c, -1).astype(self.dtype))
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                      (self.features,), self.param_dtype)
     return y + bias.astype(self.dtype)
 
 
@@ -199,14 +201,10 @@ class ViTEncoder(nn.Module):
           self.param_dtype)
       cls = (cls + pos[:, :1]).astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-    t = x.shape[1]
-    pad = pad_for_fused_attention(t, self.dtype, d // self.num_heads)
-    if pad:  # Once here rather than in every layer's attention; the padded tokens are no keys.
-      x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
     for i in range(self.depth):
       x = ViTBlock(self.num_heads, self.mlp_ratio, i if self.depth_scaled_init else None,
-                   self.dtype, self.param_dtype, name=f"block{i}")(x, kv_length=t if pad else None)
-    return x[:, :t]
+                   self.dtype, self.param_dtype, name=f"block{i}")(x)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------
