@@ -8,8 +8,7 @@ global batch 512, `default` augmentation (RandomResizedCrop 0.08-1 + flip), bf16
 
 teacher: clip (openai/clip-vit-base-patch16, projected 512-d tokens), vit (google/vit-base-patch16-
 224, 768), dino (facebook/dino-vitb16, 768), mae (facebook/vit-mae-base, 768), and beyond the paper
-dinov2 (facebook/dinov2-base; patch 14 -> 16x16 tokens at 224, resized to 14x14... see teacher.image_size)
-and siglip (google/siglip-base-patch16-224, 768). `path` is a local Hugging Face folder or a hub id
+dinov2 (facebook/dinov2-base, patch 14: its input is resized to 196 for the 14x14 grid) and siglip (google/siglip-base-patch16-224, 768). `path` is a local Hugging Face folder or a hub id
 (fetched when online). `teacher=random` uses a CLIP-ViT-B/16-sized ViT with random weights: the
 benchmark (`vqkd bench train --config configs/imagenet/vqkd.py:teacher=random`), no download.
 About 151 GFLOP per image (student forward + backward, teacher forward). Expected (paper, CLIP):
@@ -48,11 +47,14 @@ def get_config(arg=None):
         kind=kind, patch_size=16, width=768, depth=12, num_heads=12, image_size=224, out_dim=dim,
         center_targets=False))
   else:
-    c.teacher = ml_collections.ConfigDict(dict(kind=kind, path=path, image_size=224,
+    # DINOv2's patch 14: 196 px gives the student's 14 x 14 grid (upstream: input = 14 x patch).
+    c.teacher = ml_collections.ConfigDict(dict(kind=kind, path=path,
+                                                image_size=196 if kind == "dinov2" else 224,
                                                 center_targets=False))
   c.model = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=16, width=768, depth=12, num_heads=12, num_codes=8192,
-      code_dim=32, decoder_width=768, decoder_depth=1, decoder_heads=12, teacher_dim=dim))
+      code_dim=32, decoder_width=768, decoder_depth=1, decoder_heads=12, teacher_dim=dim,
+      approximate_gelu=False))
   c.optimizer = optimizer_config(lr=2e-4, b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4,
                                  schedule="warmup_cosine", warmup_steps=25_000,
                                  warmup_init_factor=1e-8, end_lr=1e-5, decay="weights")

@@ -41,9 +41,11 @@ def depth_scaled_std(layer_index: int | None, std: float = 0.02) -> float:
 
 
 class Mlp(nn.Module):
-  """Dense(hidden) - GELU (exact) - Dense(D): [..., D] -> [..., D]."""
+  """Dense(hidden) - GELU - Dense(D): [..., D] -> [..., D]. GELU exact (erf; BEiT/upstream) or, with
+  `approximate_gelu`, the tanh form (big_vision's default; XLA:GPU fuses it into the matmul)."""
   hidden: int
   out_init_std: float = 0.02
+  approximate_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -52,7 +54,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     h = dense(self.hidden, ("embed", "mlp"), "fc1", dtype=self.dtype,
               param_dtype=self.param_dtype)(x)
-    h = nn.gelu(h, approximate=False)
+    h = nn.gelu(h, approximate=self.approximate_gelu)
     return dense(d, ("mlp", "embed"), "fc2", std=self.out_init_std, dtype=self.dtype,
                  param_dtype=self.param_dtype)(h)
 
@@ -69,6 +71,7 @@ class ViTBlock(nn.Module):
   layer_index: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,7 +79,8 @@ class ViTBlock(nn.Module):
     h = layer_norm("norm1", self.dtype, param_dtype=self.param_dtype)(x)
     x = x + MultiHeadAttention(self.num_heads, out_init_std=std, dtype=self.dtype, name="attn")(h)
     h = layer_norm("norm2", self.dtype, param_dtype=self.param_dtype)(x)
-    return x + Mlp(int(x.shape[-1] * self.mlp_ratio), out_init_std=std, dtype=self.dtype,
+    return x + Mlp(int(x.shape[-1] * self.mlp_ratio), out_init_std=std,
+                   approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="mlp")(h)
 
 
@@ -170,6 +174,7 @@ class ViTEncoder(nn.Module):
   image_size: int | None = None
   pos_interp_offset: float | None = None
   depth_scaled_init: bool = True
+  approximate_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -203,7 +208,7 @@ class ViTEncoder(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     for i in range(self.depth):
       x = ViTBlock(self.num_heads, self.mlp_ratio, i if self.depth_scaled_init else None,
-                   self.dtype, self.param_dtype, name=f"block{i}")(x)
+                   self.dtype, self.param_dtype, self.approximate_gelu, name=f"block{i}")(x)
     return x
 
 

@@ -75,6 +75,7 @@ def random_vit_teacher(teacher_cfg, precision: str = "float32") -> FrozenTeacher
     def __call__(self, x):
       t = ViTEncoder(teacher_cfg.patch_size, teacher_cfg.width, teacher_cfg.depth,
                      teacher_cfg.num_heads, image_size=teacher_cfg.image_size, dtype=dtype,
+                     approximate_gelu=teacher_cfg.get("approximate_gelu", False),
                      name="encoder")(x)[:, 1:]
       t = layer_norm("norm", dtype)(t)
       if teacher_cfg.out_dim:
