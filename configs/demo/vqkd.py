@@ -5,7 +5,9 @@
 
 256 codes of dim 32 on an 8x8 grid (32x32 images, patch 4); cosine codebook with EMA 0.99 and
 spherical k-means init; one-block feature decoder to the teacher's width. About 2 minutes on 2 CPU
-cores; codebook usage near 100%. Upstream recipe (ImageNet): configs/imagenet/vqkd_*.py.
+cores; codebook usage near 100%. `:teacher=vit|mae|clip|dino` picks the in-the-box teacher (its
+stage trained by configs/demo/teacher{,_mae,_clip,_dino}.py; pass its workdir). Upstream recipe
+(ImageNet): configs/imagenet/vqkd.py.
 """
 
 import ml_collections
@@ -15,11 +17,11 @@ from vqkd_jax.train.optimizers import optimizer_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, runlocal=False, image_size=32)
+  arg = parse_arg(arg, runlocal=False, image_size=32, teacher="vit")
   c = training_config("vqkd", total_steps=8 if arg.runlocal else 600, batch_size=64)
   c.data.image_size = arg.image_size
   c.data.name = "shapes_small" if arg.runlocal else "shapes"
-  c.teacher = ml_collections.ConfigDict(dict(kind="in_the_box_vit", workdir="",
+  c.teacher = ml_collections.ConfigDict(dict(kind=f"in_the_box_{arg.teacher}", workdir="",
                                               center_targets=True))
   c.model = ml_collections.ConfigDict(dict(
       image_size=arg.image_size, patch_size=4, width=96, depth=4, num_heads=4, conv_stem=True,

@@ -96,3 +96,32 @@ def classification_accuracy(predictions, labels, mask=None) -> float:
   if correct.size == 0:
     raise ValueError("no examples to score")
   return float(np.mean(correct))
+
+
+def inception_score(logits, splits: int = 10, shuffle: bool = True,
+                    seed: int = 2020) -> tuple[float, float]:
+  """Inception Score (mean, std over `splits`) from Inception logits [N, C], in float64.
+
+  Per split: exp(mean_i KL(p(y|x_i) || p(y))) with p(y|x) = softmax over all C logits and p(y) the
+  split's mean of p(y|x); returns the mean and the population std of the split scores. The
+  conventions are torch-fidelity's (upstream's IS tool), which agree with improved-gan and OpenAI's
+  evaluator: give the FID Inception's fc *without its bias* ("logits_unbiased", 1008 outputs,
+  softmax over all of them); `shuffle` permutes the rows with np.random.RandomState(seed) first;
+  split i holds rows [i N // splits, (i + 1) N // splits).
+  """
+  x = np.asarray(logits, np.float64)
+  if x.ndim != 2 or x.shape[0] < splits or splits < 1:
+    raise ValueError(f"logits must be [N, C] with N >= splits ({splits}), got shape {x.shape}")
+  n = x.shape[0]
+  if shuffle:
+    x = x[np.random.RandomState(seed).permutation(n)]
+  log_p = x - x.max(1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  p = np.exp(log_p)
+  scores = []
+  for i in range(splits):
+    lo, hi = i * n // splits, (i + 1) * n // splits
+    log_q = np.log(p[lo:hi].mean(0))
+    kl = np.sum(p[lo:hi] * (log_p[lo:hi] - log_q), axis=1)
+    scores.append(float(np.exp(kl.mean())))
+  return float(np.mean(scores)), float(np.std(scores))

@@ -32,6 +32,10 @@ def build_model(model_cfg, precision: str = "float32", axis_name: str | None = N
 def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
   model = build_model(config.model, config.precision, axis_name)
   teacher = load_teacher(config.teacher, precision=config.precision)
+  if teacher.dim != config.model.teacher_dim:
+    raise ValueError(f"teacher {config.teacher.kind!r} gives {teacher.dim}-d tokens but "
+                     f"model.teacher_dim is {config.model.teacher_dim}: set "
+                     f"--config.model.teacher_dim={teacher.dim}")
 
   def init(rng, batch):
     return model.init({"params": rng, "codebook": rng}, to_unit_range(batch["image"]), train=False)
