@@ -68,3 +68,45 @@ def test_generator_api_and_sample_command(demo_dir, tmp_path):
   assert cli.main(["sample", "--workdir", str(demo_dir / "run"), "--labels", "0,5",
                    "--per_label", "3", "--out", str(out)]) == 0
   assert out.stat().st_size > 0
+
+
+def test_pretokenize_then_train_ar_from_tokens(demo_dir, tmp_path):
+  """Codes written by `vqkd data pretokenize` equal the tokenizer's codes of each view (a second
+  path: the Tokenizer API on the views made here), and the AR stage trains from them."""
+  import numpy as np
+
+  from vqkd_jax.api import Tokenizer
+  from vqkd_jax.config import load_config
+  from vqkd_jax.data.pipeline import load_dataset
+  from vqkd_jax.data.pretokenize import TokenSource, make_token_iterator
+  from vqkd_jax.train import loop
+
+  run, out = demo_dir / "run", tmp_path / "tokens"
+  rc = cli.main(["data", "pretokenize", "--tokenizer", str(run / "tokenizer"), "--out", str(out),
+                 "--data", "shapes_small", "--data_dir", str(demo_dir / "data"), "--crops", "5",
+                 "--batch_size", "64"])
+  assert rc == 0
+  source = TokenSource(str(out))
+  splits, _ = load_dataset("shapes_small", str(demo_dir / "data"), 32)
+  assert len(source) == len(splits["train"]) and source.metadata["views"] == 10
+  tok = Tokenizer(str(run / "tokenizer"))
+  for i in (0, len(source) - 1):
+    image = np.asarray(splits["train"][i]["image"])                      # 32 x 32 already
+    big = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(image).resize(
+        (35, 35), resample=3))                                           # 1.1 x 32, bicubic
+    crops = [big[:32, :32], big[:32, 3:], big[3:, :32], big[3:, 3:], big[2:34, 2:34]]  # torchvision CenterCrop: round(1.5) = 2
+    expected = tok.encode(np.stack(crops + [c[:, ::-1] for c in crops])).reshape(10, -1)
+    rec = source[i]
+    np.testing.assert_array_equal(np.asarray(rec["tokens"]), expected)
+    assert rec["label"] == int(splits["train"][i]["label"])
+  batch = next(make_token_iterator(str(out), global_batch_size=8))
+  assert batch["tokens"].shape == (8, 64) and batch["tokens"].dtype == np.int32
+
+  c = load_config("configs/demo/ar.py:runlocal")
+  with c.unlocked():
+    c.tokenizer_workdir = str(run / "tokenizer")
+    c.data.tokens_dir = str(out)
+    c.data.data_dir = str(demo_dir / "data")
+    c.total_steps, c.eval_every, c.checkpoint_every = 2, 0, 2
+  result = loop.train(c, str(tmp_path / "ar"))
+  assert result.steps_run == 2 and np.isfinite(result.history[-1]["loss"])

@@ -132,6 +132,60 @@ def bench_pipeline(demo_config, steps: int = 30, workdir: str | None = None) -> 
   return rows
 
 
+def bench_fid(batch: int = 256, image_size: int = 256, mode: str = "exact", steps: int = 10,
+              warmup: int = 2, preprocess: str = "torch", peak_tflops: float = 780.0) -> dict:
+  """Times the FID Inception forward (random weights, random uint8 [batch, image_size,
+  image_size, 3], batch sharded over the local devices) in precision `mode` ("exact", "fast",
+  "tf32"), and the Fréchet distance of random 2048-d statistics on the host (float64).
+
+  Returns the table row: images/s of the forward on device-resident inputs, images/s end to end
+  (host uint8 in, features and logits back on the host, the extractor's pipelining), TFLOP/s per
+  device from the jaxpr's conv/matmul FLOPs, and the Fréchet time in seconds.
+  """
+  from vqkd_jax.evaluation import fid as fid_lib
+  from vqkd_jax.evaluation import inception as inception_lib
+  from vqkd_jax.evaluation.frechet import frechet_distance
+
+  params = inception_lib.random_inception_params(0)
+  ex = fid_lib.InceptionExtractor(params, batch_size=batch, preprocess=preprocess,
+                                  precision_mode=mode)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (ex.batch_size, image_size, image_size, 3), dtype=np.uint8)
+  x = jax.device_put(images, ex.batch_sharding)
+  flops = step_flops(lambda p, im: ex.model.apply({"params": p}, im), ex.params, x)
+  for _ in range(warmup):
+    out = ex._forward(ex.params, x)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = ex._forward(ex.params, x)
+  jax.block_until_ready(out)
+  seconds = (time.perf_counter() - start) / steps
+  start = time.perf_counter()
+  n = sum(o["pool"].shape[0] for o in ex.stream(images for _ in range(steps)))
+  end_to_end = n / (time.perf_counter() - start)
+
+  d = 2048
+  w1, w2 = rng.standard_normal((d, 3000)), rng.standard_normal((d, 3000)) * 1.1
+  stats = (rng.standard_normal(d), w1 @ w1.T / 3000, rng.standard_normal(d), w2 @ w2.T / 3000)
+  frechet_distance(*stats)   # warm the BLAS/LAPACK threads
+  fd_times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    frechet_distance(*stats)
+    fd_times.append(time.perf_counter() - start)
+  n_dev = len(ex.mesh.devices.flat)
+  tflops = flops / seconds / 1e12 / n_dev
+  return {
+      "bench": "fid", "devices": n_dev, "device": jax.devices()[0].device_kind, "mode": mode,
+      "preprocess": preprocess, "batch": ex.batch_size, "image_size": image_size,
+      "step_ms": f"{seconds * 1e3:.1f}", "images/s": f"{ex.batch_size / seconds:.0f}",
+      "images/s_end_to_end": f"{end_to_end:.0f}", "TFLOP/s/device": f"{tflops:.2f}",
+      "MFU": f"{100 * tflops / peak_tflops:.1f}%" if jax.default_backend() != "cpu" else "n/a",
+      "frechet_2048_s": f"{min(fd_times):.3f}",
+  }
+
+
 def main(what: str, config, steps: int, peak_tflops: float) -> None:
   if what == "train":
     row = bench_train(config, steps=steps, peak_tflops=peak_tflops)

@@ -3,10 +3,12 @@
   vqkd train    --config configs/demo/vqkd.py[:arg] --workdir DIR [--config.a.b=value ...]
   vqkd evaluate --config ... --workdir DIR        evaluate the newest checkpoint of a stage
   vqkd sample   --workdir DEMO_DIR [--labels 0,1] [--cfg 1.75] [--out grid.png]
-  vqkd bench    train|sample|pipeline --config ... [--steps N]
+  vqkd bench    train|sample|pipeline --config ... [--steps N] | fid [--batch 256 --mode exact]
+  vqkd convert  inception|lpips SRC.pth OUT.npz     PyTorch weights, converted once
   vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
   vqkd data     prepare [--image_size 32] | prepare-imagenet --manual_dir DIR |
-                convert-folder SRC OUT --name NAME
+                convert-folder SRC OUT --name NAME |
+                pretokenize --tokenizer WORKDIR --out DIR [--crops 5] [--no_flip]
 """
 
 from __future__ import annotations
@@ -64,13 +66,22 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--out", default=None, help="PNG path (default: <workdir>/samples.png)")
 
   b = sub.add_parser("bench", help="time a stage's training step or sampling")
-  b.add_argument("what", choices=["train", "sample", "pipeline"],
+  b.add_argument("what", choices=["train", "sample", "pipeline", "fid"],
                  help="train: one stage's update step; sample: AR sampling; pipeline: every stage "
-                 "of a demo config for --steps steps on synthetic data")
-  b.add_argument("--config", required=True)
+                 "of a demo config for --steps steps on synthetic data; fid: the FID Inception "
+                 "forward (random weights) and the Frechet distance")
+  b.add_argument("--config", default=None, help="required except for fid")
+  b.add_argument("--batch", type=int, default=256, help="fid: batch size")
+  b.add_argument("--mode", default="exact", choices=["exact", "fast", "tf32"],
+                 help="fid: float32 exact, bfloat16, or TF32 matmuls")
   b.add_argument("--steps", type=int, default=20)
   b.add_argument("--peak_tflops", type=float, default=780.0,
                  help="measured bf16 peak per device for MFU (H100: ~780)")
+
+  cv = sub.add_parser("convert", help="convert PyTorch weights once (read without torch or pickle)")
+  cv.add_argument("what", choices=["inception", "lpips"])
+  cv.add_argument("src", help="inception: pt_inception-2015-12-05-6726825d.pth; lpips: vgg.pth")
+  cv.add_argument("out", help="converted file (.npz or .msgpack)")
 
   d = sub.add_parser("demo", help="the walking skeleton on the built-in dataset, stage by stage")
   d.add_argument("--workdir", default="runs/demo")
@@ -89,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
   conv.add_argument("out")
   conv.add_argument("--name", required=True)
   conv.add_argument("--image_size", type=int, default=0)
+  tok = dsub.add_parser("pretokenize", help="a frozen tokenizer's codes of a dataset -> ArrayRecord")
+  tok.add_argument("--tokenizer", required=True, help="work directory of a tokenizer stage")
+  tok.add_argument("--out", required=True)
+  tok.add_argument("--data", default="shapes", help="dataset name (as config.data.name)")
+  tok.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
+  tok.add_argument("--image_size", type=int, default=0, help="default: the tokenizer's")
+  tok.add_argument("--crops", type=int, default=1, choices=[1, 5])
+  tok.add_argument("--no_flip", action="store_true")
+  tok.add_argument("--batch_size", type=int, default=256)
   return p
 
 
@@ -152,9 +172,23 @@ def _run(args, overrides: list[str]) -> int:
     print(f"wrote {len(images)} samples to {out}")
     return 0
   if args.command == "bench":
-    config = load_config_with_overrides(args.config, overrides)
     from vqkd_jax import bench
+    if args.what == "fid":
+      print(bench._table([bench.bench_fid(batch=args.batch, mode=args.mode, steps=args.steps,
+                                          peak_tflops=args.peak_tflops)]))
+      return 0
+    if args.config is None:
+      raise ConfigError(f"vqkd bench {args.what} needs --config")
+    config = load_config_with_overrides(args.config, overrides)
     bench.main(args.what, config, steps=args.steps, peak_tflops=args.peak_tflops)
+    return 0
+  if args.command == "convert":
+    if args.what == "inception":
+      from vqkd_jax.evaluation.inception import convert_inception_file
+      print(f"wrote {convert_inception_file(args.src, args.out)}")
+      return 0
+    from vqkd_jax.losses.lpips import convert_lpips_file
+    print(f"wrote {convert_lpips_file(args.src, args.out)}")
     return 0
   if args.command == "demo":
     from vqkd_jax import demo
@@ -167,6 +201,18 @@ def _run(args, overrides: list[str]) -> int:
     if args.data_command == "prepare-imagenet":
       from vqkd_jax.data.imagenet import prepare_imagenet
       prepare_imagenet(args.data_dir, args.manual_dir)
+      return 0
+    if args.data_command == "pretokenize":
+      from vqkd_jax.data.pipeline import load_dataset
+      from vqkd_jax.data.pretokenize import pretokenize
+      from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
+      tokenizer = load_frozen_tokenizer(args.tokenizer)
+      size = args.image_size or tokenizer.image_size
+      splits, _ = load_dataset(args.data, args.data_dir, size)
+      meta = pretokenize(tokenizer, splits["train"], args.out, image_size=size, crops=args.crops,
+                         flip=not args.no_flip, batch_size=args.batch_size,
+                         tokenizer_workdir=os.path.abspath(args.tokenizer))
+      print(f"wrote {meta['count']} x {meta['views']} views of {meta['grid']} codes to {args.out}")
       return 0
     from vqkd_jax.data.image_folder import convert_image_folder
     summary = convert_image_folder(args.src, args.out, args.name, image_size=args.image_size or None)

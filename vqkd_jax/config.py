@@ -174,7 +174,7 @@ def training_config(stage: str, **fields) -> ml_collections.ConfigDict:
   config.precision = "float32"
   config.data = ml_collections.ConfigDict(dict(
       name="shapes", data_dir=os.path.expanduser("~/tensorflow_datasets"), image_size=32,
-      augmentation="none", synthetic=False, num_classes=12))
+      augmentation="none", synthetic=False, num_classes=12, tokens_dir=""))
   config.optimizer = optimizer_config()
   config.parallel = ml_collections.ConfigDict(dict(
       strategy="dp", num_devices=0, init_on="auto",

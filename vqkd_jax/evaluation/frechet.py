@@ -11,7 +11,7 @@ saves to / loads from `.npz` without pickle.
 
 in float64. tr sqrtm(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2, which are
 those of the symmetric positive semi-definite matrix L1^T S2 L1 = A^T A, A = L2^T L1, for factors
-S1 = L1 L1^T, S2 = L2 L2^T (Cholesky when positive definite, the symmetric square root otherwise).
+S1 = L1 L1^T, S2 = L2 L2^T (Cholesky; with a singular covariance the other one's factor alone).
 Two Choleskys, a triangular product, a symmetric rank-k product and one symmetric eigenvalue solve
 (no eigenvectors) replace scipy.linalg.sqrtm's Schur decomposition of a non-symmetric matrix: on
 2048-d statistics the result agrees with pytorch-fid's `calculate_frechet_distance` to ~1e-12
@@ -134,14 +134,12 @@ class FeatureStatistics:
     return cls().update(features, mask)
 
 
-def _factor(s: np.ndarray) -> tuple[np.ndarray, bool]:
-  """(F, lower triangular?) with S = F F^T: Cholesky when S is positive definite, else the
-  symmetric PSD square root V sqrt(max(w, 0)) V^T's factor V sqrt(max(w, 0)) (slower)."""
+def _cholesky(s: np.ndarray) -> np.ndarray | None:
+  """The lower Cholesky factor of S, or None when S is not (numerically) positive definite."""
   try:
-    return np.linalg.cholesky(s), True
+    return np.linalg.cholesky(s)
   except np.linalg.LinAlgError:
-    w, v = np.linalg.eigh(s)
-    return v * np.sqrt(np.clip(w, 0, None)), False
+    return None
 
 
 def _upper_times_lower(u: np.ndarray, l: np.ndarray, blocks: int = 4) -> np.ndarray:
@@ -159,11 +157,24 @@ def _upper_times_lower(u: np.ndarray, l: np.ndarray, blocks: int = 4) -> np.ndar
 
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-  """tr sqrtm(S1 S2) for symmetric PSD S1 = L1 L1^T, S2 = L2 L2^T: the eigenvalues of S1 S2 are
-  those of L1^T S2 L1 = A^T A with A = L2^T L1, i.e. the squared singular values of A."""
-  (l1, tri1), (l2, tri2) = _factor(s1), _factor(s2)
-  a = _upper_times_lower(l2.T, l1) if tri1 and tri2 else l2.T @ l1
-  m = a.T @ a   # symmetric rank-k update (BLAS syrk)
+  """tr sqrtm(S1 S2) for symmetric PSD S1, S2: the eigenvalues of S1 S2 are those of L1^T S2 L1
+  for any factor S1 = L1 L1^T. Both positive definite: L1^T S2 L1 = A^T A with A = L2^T L1, a
+  product of triangular Cholesky factors. One singular: factor the other one (eig(S1 S2) =
+  eig(S2 S1)). Both singular: the symmetric PSD square root's factor V sqrt(max(w, 0)) (an eigh,
+  slower)."""
+  l1, l2 = _cholesky(s1), _cholesky(s2)
+  if l1 is not None and l2 is not None:
+    a = _upper_times_lower(l2.T, l1)
+    m = a.T @ a   # symmetric rank-k update (BLAS syrk)
+  else:
+    if l1 is None and l2 is None:
+      w, v = np.linalg.eigh(s1)
+      factor, other = v * np.sqrt(np.clip(w, 0, None)), s2
+    elif l1 is None:
+      factor, other = l2, s1
+    else:
+      factor, other = l1, s2
+    m = factor.T @ other @ factor
   eig = np.linalg.eigvalsh((m + m.T) / 2)
   return float(np.sum(np.sqrt(np.clip(eig, 0, None))))
 

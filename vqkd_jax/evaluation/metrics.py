@@ -121,7 +121,10 @@ def inception_score(logits, splits: int = 10, shuffle: bool = True,
   scores = []
   for i in range(splits):
     lo, hi = i * n // splits, (i + 1) * n // splits
-    log_q = np.log(p[lo:hi].mean(0))
-    kl = np.sum(p[lo:hi] * (log_p[lo:hi] - log_q), axis=1)
+    part, log_part = p[lo:hi], log_p[lo:hi]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      log_q = np.log(part.mean(0))
+      terms = np.where(part > 0, part * (log_part - log_q), 0.0)   # 0 log 0 = 0
+    kl = terms.sum(1)
     scores.append(float(np.exp(kl.mean())))
   return float(np.mean(scores)), float(np.std(scores))

@@ -1,6 +1,7 @@
 """Stage d: a class-conditional autoregressive transformer over [class] + image tokens.
 
-Image tokens come from the frozen tokenizer on the fly. Vocabulary (upstream §5.1): classes
+Image tokens come from the frozen tokenizer on the fly, or from a pre-tokenised directory
+(config.data.tokens_dir, written by `vqkd data pretokenize`). Vocabulary (upstream §5.1): classes
 [0, C), the null class C (class dropout, p = config.class_dropout, for classifier-free guidance),
 image token t -> C + 1 + t. Loss: next-token cross-entropy over the full vocabulary.
 """
@@ -38,8 +39,17 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
   def init(rng, batch):
     return model.init(rng, jnp.zeros((batch["image"].shape[0], 1 + h * w), jnp.int32), train=False)
 
+  if config.data.get("tokens_dir"):
+    from vqkd_jax.data.pretokenize import read_metadata
+    meta = read_metadata(config.data.tokens_dir)
+    if meta["num_codes"] != codebook_size or tuple(meta["grid"]) != (h, w):
+      raise ValueError(f"{config.data.tokens_dir} holds codes of {meta['num_codes']} on a "
+                       f"{meta['grid']} grid; the tokenizer in {config.tokenizer_workdir} has "
+                       f"{codebook_size} on {[h, w]}")
+
   def loss(params, model_state, frozen, batch, rng, train):
-    tokens = image_tokens(frozen["tokenizer"], batch["image"])
+    tokens = (batch["tokens"] if "tokens" in batch
+              else image_tokens(frozen["tokenizer"], batch["image"]))
     seq = ar_lib.make_sequence(batch["label"], tokens, num_classes,
                                config.class_dropout if train else 0.0, rng)
     logits = model.apply(variables(params, model_state), seq, train=train,

@@ -11,10 +11,14 @@ from vqkd_jax.data.pipeline import synthetic_iterator, to_global_batch  # noqa: 
 def make_train_input(config):
   """A per-process iterator of training batches (dicts of numpy arrays) with get_state/set_state.
 
-  config.data.synthetic=True gives random batches without tfds or grain (benchmarks)."""
+  config.data.synthetic=True gives random batches without tfds or grain (benchmarks);
+  config.data.tokens_dir reads pre-tokenised codes ({"tokens", "label"}) instead of images."""
   d = config.data
   if d.synthetic:
     return synthetic_iterator(config.batch_size, d.image_size, d.num_classes, config.seed)
+  if d.get("tokens_dir"):  # Pre-tokenised codes (proposal networks): data/pretokenize.py.
+    from vqkd_jax.data.pretokenize import make_token_iterator
+    return make_token_iterator(d.tokens_dir, global_batch_size=config.batch_size, seed=config.seed)
   from vqkd_jax.data.pipeline import load_dataset, make_train_iterator
   splits, _ = load_dataset(d.name, d.data_dir, d.image_size)
   return make_train_iterator(
