@@ -47,32 +47,10 @@ def our_tokens(teacher, images):
 
 @pytest.fixture(scope="module")
 def torch():
-  torch = pytest.importorskip("torch")
-  import_torchvision_if_installed(torch)
+  torch = pytest.importorskip("torch")   # torchvision's import workaround: tests/conftest.py
   pytest.importorskip("transformers")
   torch.manual_seed(0)
   return torch
-
-
-def import_torchvision_if_installed(torch):
-  """transformers imports torchvision when it is installed; torchvision 0.28 on this CPU torch fails
-  to register its fake ops (`torchvision::nms does not exist`, ENV.md): import it once with those
-  registrations skipped (the models here use none of its ops)."""
-  import importlib.util
-  if importlib.util.find_spec("torchvision") is None:
-    return
-  original = torch.library.register_fake
-
-  def register_fake(op, *args, **kwargs):
-    if isinstance(op, str) and op.startswith("torchvision::"):
-      return args[0] if args else (lambda fn: fn)
-    return original(op, *args, **kwargs)
-
-  torch.library.register_fake = register_fake
-  try:
-    import torchvision  # noqa: F401
-  finally:
-    torch.library.register_fake = original
 
 
 def perturbed(torch, model, scale=0.1):
