@@ -1,7 +1,9 @@
 """Frozen teachers for distillation: one interface whatever the source of the weights.
 
-config.teacher fields: kind ("in_the_box_vit": the supervised ViT trained by `configs/demo/teacher.py`),
-workdir (that stage's work directory). Hugging Face ports plug in here as further kinds.
+config.teacher fields: kind ("in_the_box_vit": the supervised ViT trained by `configs/demo/teacher.py`;
+"in_the_box_mae", "in_the_box_clip", "in_the_box_dino": the self-supervised and caption teachers of
+`configs/demo/teacher_mae.py`, `teacher_clip.py`, `teacher_dino.py`), workdir (that stage's work
+directory). Hugging Face ports plug in here as further kinds.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ def load_teacher(teacher_cfg, precision: str = "float32") -> FrozenTeacher:
       return model.apply(variables, to_unit_range(images), train=False)["tokens"]
 
     return FrozenTeacher(variables=variables, apply_tokens=apply_tokens, dim=model.width)
+  if teacher_cfg.kind in ("in_the_box_mae", "in_the_box_clip", "in_the_box_dino"):
+    # Trained by the teacher_mae / teacher_clip / teacher_dino stage in teacher_cfg.workdir.
+    import importlib
+
+    from vqkd_jax.train.loop import load_trained
+
+    stage = "teacher_" + teacher_cfg.kind[len("in_the_box_"):]
+    trained = load_trained(teacher_cfg.workdir)
+    if trained["config"].get("stage") != stage:
+      raise ValueError(f"teacher kind {teacher_cfg.kind!r} needs a {stage} stage's workdir; "
+                       f"{teacher_cfg.workdir} holds stage {trained['config'].get('stage')!r}")
+    variables, apply_tokens, dim = importlib.import_module(
+        f"vqkd_jax.train.{stage}").frozen_teacher(trained, precision)
+    return FrozenTeacher(variables=variables, apply_tokens=apply_tokens, dim=dim)
   if teacher_cfg.kind in ("clip", "vit", "dino", "mae", "dinov2", "siglip"):
     # Hugging Face checkpoints (teachers/hf_teachers.py). Fields: path (folder or hub id),
     # image_size (what the teacher sees; default the checkpoint's), with_projection (CLIP).
@@ -54,8 +70,9 @@ def load_teacher(teacher_cfg, precision: str = "float32") -> FrozenTeacher:
                          apply_tokens=lambda v, images: hf.tokens(v["params"], images), dim=hf.dim)
   if teacher_cfg.kind == "random_vit":
     return random_vit_teacher(teacher_cfg, precision)
-  raise ValueError(f"unknown teacher kind {teacher_cfg.kind!r}; known: in_the_box_vit, random_vit, "
-                   "clip, vit, dino, mae, dinov2, siglip")
+  raise ValueError(f"unknown teacher kind {teacher_cfg.kind!r}; known: in_the_box_vit, "
+                   "in_the_box_mae, in_the_box_clip, in_the_box_dino, random_vit, clip, vit, dino, "
+                   "mae, dinov2, siglip")
 
 
 def random_vit_teacher(teacher_cfg, precision: str = "float32") -> FrozenTeacher:

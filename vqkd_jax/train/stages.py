@@ -6,6 +6,9 @@ import importlib
 
 STAGES = {
     "teacher": "vqkd_jax.train.teacher",            # in-the-box supervised ViT teacher
+    "teacher_mae": "vqkd_jax.train.teacher_mae",    # in-the-box MAE-style teacher
+    "teacher_clip": "vqkd_jax.train.teacher_clip",  # in-the-box CLIP-style teacher (captions)
+    "teacher_dino": "vqkd_jax.train.teacher_dino",  # in-the-box DINO-style teacher (+ iBOT term)
     "evaluator": "vqkd_jax.train.evaluator",        # evaluator network for FD_eval
     "vqkd": "vqkd_jax.train.vqkd",                  # VQ-KD tokenizer distilled from a teacher
     "cluster": "vqkd_jax.train.cluster",            # Cluster tokenizer: online-clustered teacher tokens
