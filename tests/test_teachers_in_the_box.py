@@ -4,7 +4,6 @@ into load_teacher."""
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -139,7 +138,7 @@ def test_masked_encoder_sees_no_pixel_of_a_hidden_patch():
   rng = np.random.default_rng(2)
   images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   keep = jnp.asarray([[0, 5, 10, 15], [1, 2, 3, 4]])
-  variables = model.init(jax.random.PRNGKey(0), images, keep=keep)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, keep=keep)
   apply = jax.jit(model.apply)
   hidden_pixels = np.asarray(jax.image.resize(1 - keep_to_visible(keep, 16).reshape(2, 4, 4),
                                               (2, 16, 16), "nearest"))[..., None] > 0
@@ -251,11 +250,11 @@ def test_mae_stage_trains_and_loads_as_teacher(data_dir, tmp_path):
   result, config = _train("mae", data_dir, str(tmp_path))
   _check_history(result)
   teacher = _teacher("mae", str(tmp_path))
-  tokens = np.asarray(teacher.tokens(teacher.variables, IMAGES))
+  tokens = np.asarray(jax.jit(teacher.tokens)(teacher.variables, IMAGES))
   assert teacher.dim == 96 and tokens.shape == (2, 64, 96) and np.isfinite(tokens).all()
   model = teacher_mae.build_model(config.model)
-  full = model.apply({"params": result.state.params}, IMAGES / 127.5 - 1.0,
-                     method=MaskedAutoencoder.tokens)
+  full = jax.jit(lambda v, x: model.apply(v, x, method=MaskedAutoencoder.tokens))(
+      {"params": result.state.params}, IMAGES / 127.5 - 1.0)
   np.testing.assert_allclose(tokens, np.asarray(full), atol=1e-5)
   with pytest.raises(ValueError, match="teacher_clip stage"):
     _teacher("clip", str(tmp_path))
@@ -269,13 +268,14 @@ def test_clip_stage_trains_and_loads_as_teacher_and_text_tower(data_dir, tmp_pat
   ev = _check_history(result)
   assert 0 <= ev["eval/zero_shot_cell_accuracy"] <= 1
   teacher = _teacher("clip", str(tmp_path))
-  tokens = np.asarray(teacher.tokens(teacher.variables, IMAGES))
+  tokens = np.asarray(jax.jit(teacher.tokens)(teacher.variables, IMAGES))
   assert teacher.dim == 96 and tokens.shape == (2, 64, 96) and np.isfinite(tokens).all()
   model, variables = load_clip(str(tmp_path))
-  full = model.apply(variables, IMAGES / 127.5 - 1.0, method=ContrastiveImageText.patch_tokens)
+  full = jax.jit(lambda v, x: model.apply(v, x, method=ContrastiveImageText.patch_tokens))(
+      variables, IMAGES / 127.5 - 1.0)
   np.testing.assert_allclose(tokens, np.asarray(full), atol=1e-5)
-  text = model.apply(variables, jnp.asarray(captions.tokenize(["a red circle on the left"] * 2)),
-                     method=ContrastiveImageText.encode_text)
+  text = jax.jit(lambda v, ids: model.apply(v, ids, method=ContrastiveImageText.encode_text))(
+      variables, jnp.asarray(captions.tokenize(["a red circle on the left"] * 2)))
   assert text.shape == (2, 96) and np.allclose(text[0], text[1])
 
 
@@ -288,27 +288,23 @@ def test_dino_stage_trains_and_exports_the_ema_teacher(data_dir, tmp_path):
   assert int(state["dino_state"]["updates"]) == 4
   assert np.abs(np.asarray(state["dino_state"]["center_cls"])).max() > 0
   teacher = _teacher("dino", str(tmp_path))
-  tokens = np.asarray(teacher.tokens(teacher.variables, IMAGES))
+  tokens = np.asarray(jax.jit(teacher.tokens)(teacher.variables, IMAGES))
   assert teacher.dim == 96 and tokens.shape == (2, 64, 96) and np.isfinite(tokens).all()
   model = teacher_dino.build_model(config.model)
-  ema = np.asarray(teacher_dino.tokens_fn(model, state["ema_teacher"])(IMAGES))
-  student = np.asarray(teacher_dino.tokens_fn(model, result.state.params)(IMAGES))
+  tokens_of = jax.jit(lambda params, x: teacher_dino.tokens_fn(model, params)(x))
+  ema = np.asarray(tokens_of(state["ema_teacher"], IMAGES))
+  student = np.asarray(tokens_of(result.state.params, IMAGES))
   np.testing.assert_allclose(tokens, ema, atol=1e-5)
   assert np.abs(tokens - student).max() > 1e-4  # the EMA teacher, not the student
-
-
-def test_dino_after_update_moves_the_teacher_by_the_momentum():
-  from vqkd_jax.train import teacher_dino
-
-  c = load_config("configs/demo/teacher_dino.py:runlocal")
-  objective = teacher_dino.make_objective(c, workdir="", axis_name=None)
-  batch = {"image": np.zeros((2, 32, 32, 3), np.uint8)}
-  variables = jax.tree.map(np.asarray, nn.unbox(objective.init(jax.random.PRNGKey(0), batch)))
-  params = jax.tree.map(lambda x: x + 1.0, variables["params"])
-  state = {k: v for k, v in variables.items() if k != "params"}
-  _, new = objective.after_update(params, state)
-  m = c.dino.teacher_momentum  # update 0: the base momentum
-  for t, p, e in zip(jax.tree.leaves(new["ema_teacher"]), jax.tree.leaves(params),
-                     jax.tree.leaves(variables["ema_teacher"])):
-    np.testing.assert_allclose(np.asarray(t), m * e + (1 - m) * p, rtol=1e-5, atol=1e-6)
-  assert int(new["dino_state"]["updates"]) == 1
+  # One more after_update: teacher <- m * teacher + (1 - m) * student, m at update 4 of 4 = 1.
+  objective = teacher_dino.make_objective(config, workdir="", axis_name=None)
+  moved = jax.tree.map(lambda x: x + 1.0, result.state.params)
+  base = config.dino.teacher_momentum
+  for updates, m in ((4, 1.0), (0, base), (2, 1 - (1 - base) / 2)):
+    ms = dict(state, dino_state=dict(state["dino_state"], updates=jnp.int32(updates)))
+    _, new = jax.jit(objective.after_update)(moved, ms)
+    assert int(new["dino_state"]["updates"]) == updates + 1
+    for t, p, e in zip(jax.tree.leaves(new["ema_teacher"]), jax.tree.leaves(moved),
+                       jax.tree.leaves(state["ema_teacher"])):
+      np.testing.assert_allclose(np.asarray(t), m * np.asarray(e) + (1 - m) * np.asarray(p),
+                                 rtol=1e-5, atol=1e-6)

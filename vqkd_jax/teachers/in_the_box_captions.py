@@ -1,8 +1,8 @@
 """Captions of the built-in dataset as token ids: a tiny word vocabulary from the caption grammar.
 
-The dataset's captions (data/shapes.py `caption_for`) are "a [small|large] <colour> <shape> <place>",
-the place one of nine phrases ("at the top left", "in the centre", ...). The vocabulary is built from
-that grammar, deterministically (no download): ids 0 <pad>, 1 <eos>, 2 <unk>, then the words in the
+The dataset's captions (data/shapes.py `caption_for`) are
+"a [small|large] <colour> <shape> <place>", the place one of nine phrases ("at the top left",
+"in the centre", ...). The vocabulary is built from that grammar, deterministically (no download): ids 0 <pad>, 1 <eos>, 2 <unk>, then the words in the
 order they first appear in ("a", "small", "large", colours, shapes, place phrases).
 
 Two ways to ids [B, CONTEXT_LENGTH] (words, <eos>, then <pad>):
@@ -35,7 +35,7 @@ SIZE_WORDS = ("small", "", "large")  # By thirds of shapes.HALF_SIZE_RANGE, as c
 # circle radius 1; square of half side 0.8; equilateral triangle of inradius 0.6 (side 1.2 sqrt 3);
 # cross of two 1.84 x 0.6 bars.
 SHAPE_UNIT_AREAS = (math.pi, 1.6 ** 2, 3.0 * math.sqrt(3.0) * 0.6 ** 2, 2 * 1.84 * 0.6 - 0.6 ** 2)
-# Centroid minus centre, downwards, in half sizes: the triangle's incentre lies 0.3 below its centre.
+# Centroid minus centre, downwards, in half sizes: the triangle's incentre is 0.3 below its centre.
 SHAPE_CENTROID_OFFSETS = (0.0, 0.0, 0.3, 0.0)
 
 

@@ -9,9 +9,9 @@ distribution over `num_prototypes` (`teacher_distribution`, `update_center`, `em
     (two global views of each image, Caron et al. 2021).
   iBOT term: the patch outputs at hidden positions of the student's masked view against the
     teacher's patch outputs of the same view unmasked (Zhou et al. 2022).
-The iBOT term is there to keep spatial meaning: the DINO term trains only the CLS output, and after a
-few hundred steps at this scale nothing asks the patch tokens to differ; predicting a hidden patch's
-teacher distribution asks each token to describe its own place.
+The iBOT term is there to keep spatial meaning: the DINO term trains only the CLS output, and nothing
+then asks the patch tokens to differ; predicting a hidden patch's teacher distribution asks each
+token to describe its own place.
 
 Teacher tokens (as upstream's DINO teacher): the EMA teacher's backbone on the whole image, last
 layer after the final LayerNorm, CLS dropped (`DinoViT.tokens`).
@@ -69,6 +69,7 @@ class DinoViT(nn.Module):
   head_hidden: int = 256
   head_bottleneck: int = 64
   conv_stem: bool = True
+  pos_init_std: float = 0.02
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -77,7 +78,7 @@ class DinoViT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.backbone = PatchViT(self.image_size, self.patch_size, self.width, self.depth,
                              self.num_heads, self.mlp_ratio, self.conv_stem, use_mask_token=True,
-                             **kw)
+                             pos_init_std=self.pos_init_std, **kw)
     self.head = DinoHead(self.num_prototypes, self.head_hidden, self.head_bottleneck, **kw)
 
   def __call__(self, images: jax.Array, mask: jax.Array | None = None) -> dict:
@@ -117,6 +118,7 @@ def ema_momentum(update: jax.Array, total: int, base: float) -> jax.Array:
 
 def cross_entropy(teacher_probs: jax.Array, student_logits: jax.Array,
                   temperature: float) -> jax.Array:
-  """-sum_k p_k log softmax(student_logits / temperature)_k over the last axis: [..., K] -> [...]."""
+  """-sum_k p_k log softmax(student_logits / temperature)_k over the last axis: [..., K] -> [...].
+  """
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
   return -jnp.sum(teacher_probs * log_q, axis=-1)

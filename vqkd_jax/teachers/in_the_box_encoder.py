@@ -37,8 +37,8 @@ def keep_to_visible(keep: jax.Array, num_patches: int) -> jax.Array:
 class PatchViT(nn.Module):
   """Images in [-1, 1] [B, H, W, 3] -> tokens [B, 1 + n, D] after the final LayerNorm, CLS first.
 
-  keep: int [B, n] indices of the visible patches (raster order of the g x g grid, g = H / p); None =
-    all N = g*g patches (n = N). Position embeddings are added before the gather, so the order of
+  keep: int [B, n] indices of the visible patches (raster order of the g x g grid, g = H / p);
+    None = all N = g*g patches (n = N). Position embeddings are added before the gather, so the order of
     `keep` is the order of the output tokens.
   mask: bool [B, N] (True = hidden): hidden patch embeddings are replaced by the learned
     `mask_token` (created when `use_mask_token`); None = nothing hidden.

@@ -2,8 +2,9 @@
 
 A ViT encoder (in_the_box_encoder.PatchViT, convolutional stem) sees only a random subset of the
 patches; a light decoder gets the encoded visible tokens back at their places, a learned mask token
-at the hidden ones, and predicts the pixels of every patch; the loss (`masked_patch_loss`) counts the
-hidden patches only, against per-patch normalised pixels (MAE's norm_pix_loss), as He et al. 2022.
+at the hidden ones, and predicts the pixels of every patch; the loss (`masked_patch_loss`) counts
+the hidden patches only, against their pixels, per-patch normalised or not (MAE's norm_pix_loss),
+as He et al. 2022.
 
 Teacher tokens (what VQ-KD distils, as upstream's MAE teacher): the encoder run on the whole image,
 no masking, last layer after the final LayerNorm, CLS dropped (`MaskedAutoencoder.tokens`).
@@ -40,7 +41,8 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in raster order, pixels (row, col, channel)."""
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]: patches in raster order, pixels (row, col, channel).
+  """
   b, h, w, c = images.shape
   p = patch_size
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -116,6 +118,7 @@ class MaskedAutoencoder(nn.Module):
   decoder_depth: int = 2
   decoder_heads: int = 4
   conv_stem: bool = True
+  pos_init_std: float = 0.02
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -123,7 +126,8 @@ class MaskedAutoencoder(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = PatchViT(self.image_size, self.patch_size, self.width, self.depth,
-                            self.num_heads, self.mlp_ratio, self.conv_stem, **kw)
+                            self.num_heads, self.mlp_ratio, self.conv_stem,
+                            pos_init_std=self.pos_init_std, **kw)
     g = self.image_size // self.patch_size
     self.decoder = MaeDecoder(g * g, self.patch_size * self.patch_size * 3, self.decoder_width,
                               self.decoder_depth, self.decoder_heads, self.mlp_ratio, **kw)

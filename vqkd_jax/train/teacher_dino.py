@@ -84,8 +84,8 @@ def colour_field_jitter(rng: jax.Array, images: jax.Array, amplitude: float,
                         noise: float = 0.0, grid: int = 4) -> jax.Array:
   """Adds to each image [B, S, S, 3] in [-1, 1] a smooth random colour field (a grid x grid field of
   U(-amplitude, amplitude) per channel, bilinearly upsampled) and Gaussian pixel noise of std
-  `noise`, then clips to [-1, 1]. The built-in dataset's own nuisance law (data/shapes.py: colour
-  field, noise), drawn anew for each view: DINO's colour jitter for data whose colours are the class."""
+  `noise`, then clips to [-1, 1]: the built-in dataset's own nuisance (data/shapes.py: colour field,
+  noise) drawn anew for each view, DINO's colour jitter for data whose colours are the class."""
   b, s = images.shape[0], images.shape[1]
   k_field, k_noise = jax.random.split(rng)
   field = jax.random.uniform(k_field, (b, grid, grid, 3), minval=-amplitude, maxval=amplitude)

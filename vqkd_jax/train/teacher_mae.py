@@ -2,11 +2,12 @@
 
 Per step: a random horizontal flip, a random subset of num_visible(N, mask_ratio) visible patches
 per image, the loss of masked_patch_loss on the hidden patches (normalised pixels when
-`norm_pix_loss`). No labels are used. eval/token_similarity and eval/probe_* (train/teacher_probe.py)
-say whether the unmasked encoder's patch tokens keep spatial meaning.
+`norm_pix_loss`; the demo predicts raw pixels, see its config). No labels are used.
+eval/token_similarity and eval/probe_* (train/teacher_probe.py) say whether the unmasked encoder's
+patch tokens keep spatial meaning.
 
 config.model: image_size, patch_size, width, depth, num_heads, decoder_width, decoder_depth,
-decoder_heads, conv_stem; config.mask_ratio, config.norm_pix_loss.
+decoder_heads, conv_stem, pos_init_std; config.mask_ratio, config.norm_pix_loss.
 """
 
 from __future__ import annotations

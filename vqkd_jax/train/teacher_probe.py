@@ -6,9 +6,14 @@ Two numbers on the frozen tokens of the validation split:
   probe_*: a linear probe of the per-patch labels of train/teacher.patch_targets (the object's class
     where it covers at least half of the patch, else background): softmax regression on the
     standardised tokens (100 full-batch Adam steps, under a second for the 2,000 validation images),
-    fitted on the first `fit_fraction` of the images and scored on the others. probe_accuracy counts every patch; probe_object_accuracy the patches of
-    the object only (what the majority rule, "background everywhere", gets 0 on); probe_majority is
-    that rule's accuracy, the floor to compare probe_accuracy with.
+    fitted on the first `fit_fraction` of the images and scored on the others. probe_accuracy
+    counts every patch; probe_object_accuracy the object's patches only (the majority rule,
+    "background everywhere", gets 0 there); probe_majority is that rule's accuracy, the floor to
+    compare probe_accuracy with.
+Reference points on the 32x32 dataset: the supervised teacher (configs/demo/teacher.py, trained on
+these very labels) 0.87 / 0.975 / 0.73 (similarity / probe / object probe); a randomly initialised
+4-block ViT with a convolutional stem about 0.26 / 0.944 / 0.31: colour and place are linearly
+readable from a random network, shape is what training adds.
 """
 
 from __future__ import annotations
