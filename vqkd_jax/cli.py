@@ -4,7 +4,7 @@
   vqkd evaluate --config ... --workdir DIR        evaluate the newest checkpoint of a stage
   vqkd sample   --workdir DEMO_DIR [--labels 0,1] [--cfg 1.75] [--out grid.png]
   vqkd bench    train|sample|pipeline --config ... [--steps N] | fid [--batch 256 --mode exact]
-  vqkd convert  inception|lpips SRC.pth OUT.npz     PyTorch weights, converted once
+  vqkd convert  inception SRC.pth OUT.npz     PyTorch weights, converted once
   vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
   vqkd data     prepare [--image_size 32] | prepare-imagenet --manual_dir DIR |
                 convert-folder SRC OUT --name NAME |
@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="measured bf16 peak per device for MFU (H100: ~780)")
 
   cv = sub.add_parser("convert", help="convert PyTorch weights once (read without torch or pickle)")
-  cv.add_argument("what", choices=["inception", "lpips"])
-  cv.add_argument("src", help="inception: pt_inception-2015-12-05-6726825d.pth; lpips: vgg.pth")
+  cv.add_argument("what", choices=["inception"])
+  cv.add_argument("src", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
   cv.add_argument("out", help="converted file (.npz or .msgpack)")
 
   d = sub.add_parser("demo", help="the walking skeleton on the built-in dataset, stage by stage")
@@ -183,12 +183,8 @@ def _run(args, overrides: list[str]) -> int:
     bench.main(args.what, config, steps=args.steps, peak_tflops=args.peak_tflops)
     return 0
   if args.command == "convert":
-    if args.what == "inception":
-      from vqkd_jax.evaluation.inception import convert_inception_file
-      print(f"wrote {convert_inception_file(args.src, args.out)}")
-      return 0
-    from vqkd_jax.losses.lpips import convert_lpips_file
-    print(f"wrote {convert_lpips_file(args.src, args.out)}")
+    from vqkd_jax.evaluation.inception import convert_inception_file
+    print(f"wrote {convert_inception_file(args.src, args.out)}")
     return 0
   if args.command == "demo":
     from vqkd_jax import demo
