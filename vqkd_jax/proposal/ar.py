@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vqkd_jax.nn.attention import dense_init
+from vqkd_jax.nn.attention import dense_init, use_cudnn
 
 Dtype = Any
 Cache = Sequence[tuple[jax.Array, jax.Array]]
@@ -189,15 +189,8 @@ class CausalSelfAttention(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
 
   def _use_cudnn(self, q, train) -> bool:
-    if self.implementation not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"attention implementation {self.implementation!r}: auto, xla, cudnn")
-    if self.implementation == "xla" or (train and self.dropout > 0):
-      return False
-    if self.implementation == "cudnn":
-      return True
-    hd = q.shape[-1]
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and hd % 8 == 0 and hd <= 128)
+    # The shared rule (nn/attention.use_cudnn), except that attention dropout needs the einsums.
+    return use_cudnn(self.implementation, q, None) and not (train and self.dropout > 0)
 
 
 class DecoderBlock(nn.Module):

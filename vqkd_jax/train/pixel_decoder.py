@@ -1,6 +1,6 @@
 """Stage c: a pixel decoder trained on the frozen tokenizer's codes (upstream §4, pixel loss only).
 
-The tokenizer (encoder + codebook) is frozen: images -> code indices -> l2-normalised code vectors ->
+The tokenizer (any tokenizer stage: VQ-KD or Cluster codes) is frozen: images -> code indices -> l2-normalised code vectors ->
 decoder -> pixels, with loss = MSE + L1 on [-1, 1] pixels. (LPIPS and the PatchGAN of the full recipe
 come with the tokenizer issue.)
 """
@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
 from vqkd_jax.tokenizers.pixel_decoder import PixelDecoder
-from vqkd_jax.train import vqkd as vqkd_stage
 from vqkd_jax.train.common import compute_dtype, to_uint8, to_unit_range, variables
 from vqkd_jax.train.objective import EvalContext, Objective
 
@@ -23,14 +23,14 @@ def build_model(model_cfg, precision: str = "float32") -> PixelDecoder:
 
 def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
   model = build_model(config.model, config.precision)
-  tokenizer, tokenizer_vars = vqkd_stage.load_tokenizer(config.tokenizer_workdir, config.precision)
+  tokenizer = load_frozen_tokenizer(config.tokenizer_workdir, config.precision)
 
   def codes(tok_vars, images_uint8):
-    indices = tokenizer.apply(tok_vars, to_unit_range(images_uint8), method="encode")
-    return indices, tokenizer.apply(tok_vars, indices, method="lookup")
+    indices = tokenizer.encode(tok_vars, images_uint8)
+    return indices, tokenizer.lookup(tok_vars, indices)
 
   def init(rng, batch):
-    _, z = jax.eval_shape(codes, tokenizer_vars, batch["image"])
+    _, z = jax.eval_shape(codes, tokenizer.variables, batch["image"])
     return model.init(rng, jnp.zeros(z.shape, jnp.float32))
 
   def loss(params, model_state, frozen, batch, rng, train):
@@ -57,7 +57,7 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
     save_grid(grid, f"{ctx.workdir}/reconstructions_{ctx.step}.png", ncols=16)
     return {"psnr": metrics_lib.psnr(res["image"], res["recon"])}
 
-  return Objective(init=init, loss=loss, frozen={"tokenizer": tokenizer_vars}, evaluate=evaluate)
+  return Objective(init=init, loss=loss, frozen={"tokenizer": tokenizer.variables}, evaluate=evaluate)
 
 
 def load_decoder(workdir: str, precision: str = "float32"):

@@ -99,12 +99,3 @@ def frozen_tokenizer(trained: dict, precision: str = "float32"):
       encode=lambda v, x: model.apply(v, to_unit_range(x), method="encode"),
       lookup=lambda v, idx: model.apply(v, idx, method="lookup"),
       image_size=cfg["data"]["image_size"])
-
-
-def load_tokenizer(workdir: str, precision: str = "float32"):
-  """(module, variables) of a trained tokenizer stage, frozen (its codebook no longer updates)."""
-  from vqkd_jax.train.loop import load_trained
-
-  trained = load_trained(workdir)
-  model = build_model(trained["config"]["model"], precision)
-  return model, variables(trained["params"], trained["model_state"])
