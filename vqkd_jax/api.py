@@ -137,3 +137,41 @@ def bench_sampling(config, steps: int = 3) -> dict:
           "precision": config.precision, "batch": b, "tokens": num_tokens,
           "cfg": config.sampling.cfg_scale, "seconds/batch": f"{seconds:.3f}",
           "images/s": f"{b / seconds:.0f}"}
+
+
+def bench_nar_sampling(config, steps: int = 3) -> dict:
+  """Images per second of parallel (masked-token) decoding with a randomly initialised NAR model of
+  config.model's size: config.sampling.steps decoding steps, batch config.bench.batch_size, CFG as
+  config.sampling (the conditional and unconditional halves in one forward of twice the batch).
+  `steps` timed calls after a compiling one. TFLOP/s from the model FLOPs of the whole call."""
+  import time
+
+  import flax.linen as nn
+
+  from vqkd_jax.bench import step_flops
+  from vqkd_jax.proposal import nar as nar_lib
+  from vqkd_jax.train import nar as nar_stage
+
+  b = config.bench.get("batch_size", config.batch_size)
+  num_tokens = config.bench.grid * config.bench.grid
+  model = nar_stage.build_model(config.model, num_classes=config.data.num_classes,
+                                codebook_size=config.bench.codebook_size,
+                                num_image_tokens=num_tokens, precision=config.precision)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1 + num_tokens), jnp.int32))
+  params = nn.meta.unbox(params["params"])
+  s = config.sampling
+  labels = jnp.arange(b) % config.data.num_classes
+  run = lambda rng: nar_lib.sample(model, params, labels, rng=rng, steps=s.steps,
+                                   cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
+                                   temperature=s.temperature,
+                                   choice_temperature=s.choice_temperature)
+  jax.block_until_ready(run(jax.random.PRNGKey(0)))
+  start = time.perf_counter()
+  for i in range(steps):
+    jax.block_until_ready(run(jax.random.PRNGKey(i + 1)))
+  seconds = (time.perf_counter() - start) / steps
+  tflops = step_flops(run, jax.random.PRNGKey(0)) / seconds / 1e12
+  return {"what": "nar sampling", "device": jax.devices()[0].device_kind,
+          "precision": config.precision, "batch": b, "tokens": num_tokens,
+          "decoding_steps": s.steps, "cfg": s.cfg_scale, "seconds/batch": f"{seconds:.3f}",
+          "images/s": f"{b / seconds:.0f}", "TFLOP/s": f"{tflops:.3g}"}

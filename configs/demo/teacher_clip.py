@@ -7,8 +7,8 @@ captions ("a large red triangle at the top left", tokenised with the grammar's 1
 in-batch InfoNCE with a learned temperature. About 1.5 minutes on 2 CPU cores. Distil it with
 `--config.teacher.kind=in_the_box_clip --config.teacher.workdir=runs/demo/teacher_clip`.
 Expected (the stage's eval/*): patch tokens that stay distinct (eval/token_similarity about
-0.5-0.65, the supervised teacher's 0.87), zero-shot caption retrieval that gets the place mostly right
-(eval/zero_shot_cell_accuracy about 0.8) and colour and shape about half the time.
+0.5-0.65, the supervised teacher's 0.87), zero-shot caption retrieval that gets the place mostly
+right (eval/zero_shot_cell_accuracy about 0.8) and colour and shape about half the time.
 `:runlocal` trains a 1-block model a few steps only (tests).
 """
 

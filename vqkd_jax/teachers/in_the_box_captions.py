@@ -2,9 +2,9 @@
 
 The dataset's captions (data/shapes.py `caption_for`) are
 "a [small|large] <colour> <shape> <place>", the place one of nine phrases ("at the top left",
-"in the centre", ...). The vocabulary is built from that grammar, deterministically (no download): ids 0 <pad>, 1 <eos>, 2 <unk>, then the words in the
-order they first appear in ("a", "small", "large", colours, shapes, place phrases).
-
+"in the centre", ...). The vocabulary is built from that grammar, deterministically (no download):
+ids 0 <pad>, 1 <eos>, 2 <unk>, then the words in the order they first appear in ("a", "small",
+"large", colours, shapes, place phrases).
 Two ways to ids [B, CONTEXT_LENGTH] (words, <eos>, then <pad>):
   tokenize(captions): host-side, from strings (any caption of the grammar; a later text-to-image
     stage prompts with it).

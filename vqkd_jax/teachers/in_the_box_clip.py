@@ -1,10 +1,11 @@
 """The in-the-box CLIP-style teacher: an image-text contrastive model on the built-in captions.
 
 Image tower: a ViT (in_the_box_encoder.PatchViT, convolutional stem) whose CLS token, after the
-final LayerNorm and a linear projection, is the image embedding. Text tower: a small causal transformer
-over caption ids (teachers/in_the_box_captions.py) read at the <eos> token, then a projection, as
-CLIP (Radford et al. 2021). Trained with the symmetric InfoNCE loss `contrastive_loss` and a learned
-temperature (logit_scale = log(1 / temperature), CLIP's init 1 / 0.07, clipped at 100).
+final LayerNorm and a linear projection, is the image embedding. Text tower: a small causal
+transformer over caption ids (teachers/in_the_box_captions.py) read at the <eos> token, then a
+projection, as CLIP (Radford et al. 2021). Trained with the symmetric InfoNCE loss
+`contrastive_loss` and a learned temperature (logit_scale = log(1 / temperature), CLIP's init 1 /
+0.07, clipped at 100).
 
 Teacher tokens (as upstream uses CLIP's): the image tower's patch tokens after the final LayerNorm
 and the projection, CLS dropped (`ContrastiveImageText.patch_tokens`). The captions say where the

@@ -9,9 +9,9 @@ distribution over `num_prototypes` (`teacher_distribution`, `update_center`, `em
     (two global views of each image, Caron et al. 2021).
   iBOT term: the patch outputs at hidden positions of the student's masked view against the
     teacher's patch outputs of the same view unmasked (Zhou et al. 2022).
-The iBOT term is there to keep spatial meaning: the DINO term trains only the CLS output, and nothing
-then asks the patch tokens to differ; predicting a hidden patch's teacher distribution asks each
-token to describe its own place.
+The iBOT term is there to keep spatial meaning: the DINO term trains only the CLS output, and
+nothing then asks the patch tokens to differ; predicting a hidden patch's teacher distribution asks
+each token to describe its own place.
 
 Teacher tokens (as upstream's DINO teacher): the EMA teacher's backbone on the whole image, last
 layer after the final LayerNorm, CLS dropped (`DinoViT.tokens`).

@@ -38,12 +38,13 @@ class PatchViT(nn.Module):
   """Images in [-1, 1] [B, H, W, 3] -> tokens [B, 1 + n, D] after the final LayerNorm, CLS first.
 
   keep: int [B, n] indices of the visible patches (raster order of the g x g grid, g = H / p);
-    None = all N = g*g patches (n = N). Position embeddings are added before the gather, so the order of
-    `keep` is the order of the output tokens.
+    None = all N = g*g patches (n = N). Position embeddings are added before the gather, so the
+    order of `keep` is the order of the output tokens.
   mask: bool [B, N] (True = hidden): hidden patch embeddings are replaced by the learned
     `mask_token` (created when `use_mask_token`); None = nothing hidden.
   Parameters: patch_embed (nn/vit.py PatchEmbed), pos_embed [1, 1 + N, D] (CLS position first),
-  cls_token [1, 1, D], block{i} (pre-LN ViTBlock, BEiT depth-scaled init), norm.
+  cls_token [1, 1, D], block{i} (pre-LN ViTBlock, BEiT depth-scaled init), norm. pos_init_std:
+  the position embeddings' initial std (ViT's 0.02; larger makes places salient from the start).
   """
   image_size: int
   patch_size: int

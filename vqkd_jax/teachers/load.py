@@ -3,7 +3,8 @@
 config.teacher fields: kind ("in_the_box_vit": the supervised ViT trained by
 `configs/demo/teacher.py`; "in_the_box_mae", "in_the_box_clip", "in_the_box_dino": the
 self-supervised and caption teachers of `configs/demo/teacher_mae.py`, `teacher_clip.py`,
-`teacher_dino.py`), workdir (that stage's work directory). Hugging Face ports plug in here as further kinds.
+`teacher_dino.py`), workdir (that stage's work directory). Hugging Face ports plug in here as
+further kinds.
 """
 
 from __future__ import annotations

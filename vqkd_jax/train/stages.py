@@ -14,6 +14,7 @@ STAGES = {
     "cluster": "vqkd_jax.train.cluster",            # Cluster tokenizer: online-clustered teacher tokens
     "pixel_decoder": "vqkd_jax.train.pixel_decoder",  # pixels from frozen codes
     "ar": "vqkd_jax.train.ar",                      # class-conditional AR proposal network
+    "nar": "vqkd_jax.train.nar",                    # class-conditional masked-token (MaskGIT) network
 }
 
 

@@ -2,7 +2,8 @@
 
 Per step, for each image of the batch: two global views (`random_resized_crops`: the law of
 data/augment.random_resized_crop_box with area scale `crop_scale`, drawn on the device, bilinear,
-plus a horizontal flip) and a random set of round(mask_ratio * N) hidden patches per view.
+plus a horizontal flip; then colour_field_jitter) and a random set of round(mask_ratio * N) hidden
+patches per view.
   student: the trained parameters on the masked views; teacher: the EMA parameters
     (model_state["ema_teacher"]) on the unmasked views, no gradient.
   loss = DINO term (CLS, cross-view pairs) + patch_loss_weight * iBOT term (hidden patches, same
@@ -15,8 +16,15 @@ distribution: near 0 = sharp) and teacher_mean_entropy (entropy of the batch-mea
 near 0 = every image on one prototype, i.e. collapse). The exported teacher is the EMA network.
 
 config.model: image_size, patch_size, width, depth, num_heads, num_prototypes, head_hidden,
-head_bottleneck, conv_stem; config.dino: crop_scale, mask_ratio, patch_loss_weight,
-student_temperature, teacher_temperature, center_momentum, teacher_momentum.
+head_bottleneck, conv_stem, pos_init_std; config.dino: crop_scale, field_jitter, noise_jitter,
+mask_ratio, patch_loss_weight, student_temperature, teacher_temperature, center_momentum,
+teacher_momentum.
+
+Measured at the demo size (400 steps of 32 images): teacher_mean_entropy about 2.7 (about 15
+prototypes in use: no collapse), patch tokens distinct (similarity about 0.54), but the tokens and
+the CLS output carry colour and place, not shape (a linear probe of the class from the CLS output:
+0.36, from 1,200 steps: 0.38; crops of area 0.7-1 instead of 0.4-1 changed nothing): learning shape
+by self-distillation needs more than a few minutes of CPU here.
 """
 
 from __future__ import annotations

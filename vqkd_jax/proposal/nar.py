@@ -1,0 +1,339 @@
+"""Non-autoregressive (masked-token) class-conditional transformer and its parallel decoder:
+MaskGIT / MAGE style (upstream §5.6, whose copy of MAGE is unintegrated and unconditional; this
+is the class-conditional form with classifier-free guidance, on the AR model's sequence layout).
+
+Sequence: [class] + N image tokens in raster order (length 1 + N), attended bidirectionally.
+Vocabulary of the input embedding, for C classes and K codes:
+
+  [0, C)            class tokens
+  C                 the null class (classifier-free guidance; class dropout in training)
+  C + 1 + t         image code t in [0, K) (the AR model's offset)
+  C + 1 + K         [MASK] (the last id, as MAGE)
+  vocab_size        C + K + 2
+
+The head predicts the K image codes only: logits [B, N, K] at the N image positions.
+
+Training (`random_mask`, `masked_sequence`, `masked_token_loss`): per example u ~ U(0, 1), mask
+ratio r = cos(pi/2 u), ceil(r N) positions (at least 1) chosen uniformly are replaced by [MASK];
+cross-entropy (optionally label-smoothed, MAGE 0.1) on the masked positions only, averaged over all
+masked positions of the batch.
+
+Decoding (`sample`): one jitted `lax.scan` over a static number of steps T (8-12). Start all masked;
+each step predicts every position in one forward of the doubled batch [cond; uncond] (guided logits
+uncond + s (cond - uncond), s constant or rising linearly to the scale), draws a code per position
+with `temperature`, keeps the positions fixed earlier, scores confidence log p(drawn) (under the
+guided, tempered distribution) + tau_t Gumbel with tau_t = choice_temperature (1 - (t + 1) / T)
+(MAGE's annealing) and re-masks the least confident ones so that `mask_schedule(N, T)[t]` stay
+masked. Example i draws from fold_in(fold_in(rng, example_offset + i), t): a sample depends on the
+seed and its index only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
+from vqkd_jax.nn.vit import Mlp, layer_norm
+from vqkd_jax.proposal.ar import class_token_ids, image_token_offset, null_class_id
+from vqkd_jax.proposal.sampling import cfg_combine
+
+Dtype = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence layout.
+
+def mask_token_id(num_classes: int, codebook_size: int) -> int:
+  """The [MASK] token: the last id, num_classes + 1 + codebook_size."""
+  return num_classes + 1 + codebook_size
+
+
+def vocab_size(num_classes: int, codebook_size: int) -> int:
+  """classes + null class + image codes + [MASK]."""
+  return num_classes + codebook_size + 2
+
+
+def cosine_mask_count(u: jax.Array, num_tokens: int) -> jax.Array:
+  """Number of masked tokens for u in [0, 1): ceil(N cos(pi/2 u)) clipped to [1, N]. int32."""
+  n = jnp.ceil(num_tokens * jnp.cos(0.5 * jnp.pi * u))
+  return jnp.clip(n, 1, num_tokens).astype(jnp.int32)
+
+
+def random_mask(rng: jax.Array, batch: int, num_tokens: int) -> jax.Array:
+  """bool [batch, num_tokens], True = masked: per row cosine_mask_count(u, N), u ~ U(0, 1), of the
+  positions, chosen uniformly at random (ranks of i.i.d. uniform noise)."""
+  r_ratio, r_pos = jax.random.split(rng)
+  count = cosine_mask_count(jax.random.uniform(r_ratio, (batch,)), num_tokens)
+  noise = jax.random.uniform(r_pos, (batch, num_tokens))
+  rank = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)      # a uniform random permutation
+  return rank < count[:, None]
+
+
+def masked_sequence(labels: jax.Array, codes: jax.Array, mask: jax.Array, num_classes: int,
+                    codebook_size: int, drop_prob: float = 0.0,
+                    rng: jax.Array | None = None) -> jax.Array:
+  """labels [B], codes [B, N] (or [B, h, w]) in [0, K), mask bool [B, N] (True = masked) ->
+  int32 [B, 1 + N]: [class or null (probability drop_prob)] + image ids, [MASK] where masked."""
+  codes = jnp.asarray(codes).reshape(codes.shape[0], -1).astype(jnp.int32)
+  ids = jnp.where(mask, mask_token_id(num_classes, codebook_size),
+                  codes + image_token_offset(num_classes))
+  cls = class_token_ids(labels, num_classes, drop_prob, rng)
+  return jnp.concatenate([cls[:, None], ids], axis=1)
+
+
+def masked_token_nll(logits: jax.Array, codes: jax.Array,
+                     label_smoothing: float = 0.0) -> jax.Array:
+  """Per-position cross-entropy [B, N] of codes [B, N] under logits [B, N, K] (float32); with
+  label_smoothing e the target is (1 - e) one-hot + e / K."""
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+  k = logits.shape[-1]
+  target = optax.smooth_labels(jax.nn.one_hot(codes, k, dtype=jnp.float32), label_smoothing)
+  return optax.softmax_cross_entropy(logits, target)
+
+
+def masked_token_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array,
+                      label_smoothing: float = 0.0) -> jax.Array:
+  """Mean cross-entropy over the masked positions (mask True) of the whole batch; the unmasked
+  positions do not count."""
+  w = mask.astype(jnp.float32)
+  nll = masked_token_nll(logits, codes, label_smoothing)
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model.
+
+class NARBlock(nn.Module):
+  """Pre-LN bidirectional block: x + Drop(Attn(LN(x))), x + Drop(MLP(LN(x))). [B, L, D] -> same.
+  No attention mask, so `attention="auto"` runs cuDNN's fused kernel on GPU in bfloat16."""
+  num_heads: int
+  mlp_dim: int
+  out_init_std: float = 0.02
+  dropout: float = 0.0
+  norm_eps: float = 1e-6
+  approximate_gelu: bool = True
+  attention: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = layer_norm("norm1", self.dtype, self.norm_eps)(x)
+    h = MultiHeadAttention(self.num_heads, out_init_std=self.out_init_std, dtype=self.dtype,
+                           implementation=self.attention, name="attn")(h)
+    x = x + drop(h)
+    h = layer_norm("norm2", self.dtype, self.norm_eps)(x)
+    h = Mlp(self.mlp_dim, out_init_std=self.out_init_std, approximate_gelu=self.approximate_gelu,
+            dtype=self.dtype, name="mlp")(h)
+    return x + drop(h)
+
+
+class NARTransformer(nn.Module):
+  """Bidirectional transformer over [class] + image tokens: tokens int [B, 1 + N] -> logits float32
+  [B, N, codebook_size] at the image positions (see the module docstring for the id layout).
+
+  Attributes:
+    num_classes, codebook_size: C and K (vocabulary C + K + 2, head K).
+    seq_len: 1 + N, the size of the learned position table.
+    width, depth, num_heads, mlp_ratio: model width, blocks, heads, MLP hidden = mlp_ratio * width.
+    dropout: embedding and residual dropout in train mode (MAGE 0.1).
+    norm_eps: LayerNorm epsilon (MAGE 1e-6).
+    approximate_gelu: tanh GELU (XLA:GPU fuses it into the matmul) instead of the exact one.
+    attention: "xla" | "cudnn" | "auto" (cuDNN on GPU in bfloat16/float16), as the AR model.
+    remat: recompute each block's activations in the backward pass.
+    dtype: computation dtype (parameters float32; logits always float32).
+  """
+  num_classes: int
+  codebook_size: int
+  seq_len: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  norm_eps: float = 1e-6
+  approximate_gelu: bool = True
+  attention: str = "auto"
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    t = tokens.shape[1]
+    if t > self.seq_len:
+      raise ValueError(f"{t} tokens do not fit seq_len {self.seq_len}")
+    x = nn.Embed(vocab_size(self.num_classes, self.codebook_size), self.width, dtype=self.dtype,
+                 name="token_embed",
+                 embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))(
+                     tokens)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(dense_init(), (None, "embed")),
+                     (self.seq_len, self.width))
+    x = x + pos[:t].astype(x.dtype)[None]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    block = nn.remat(NARBlock, static_argnums=(2,)) if self.remat else NARBlock  # (self, x, train)
+    std = 0.02 / math.sqrt(2 * self.depth)            # GPT-2's scaled residual projections
+    for i in range(self.depth):
+      x = block(self.num_heads, int(self.mlp_ratio * self.width), std, self.dropout,
+                self.norm_eps, self.approximate_gelu, self.attention, self.dtype,
+                name=f"block{i}")(x, train)
+    x = layer_norm("norm_out", self.dtype, self.norm_eps)(x[:, 1:])
+    # Operands in the computation dtype, logits accumulated and returned in float32.
+    kernel = self.param("head", nn.with_logical_partitioning(dense_init(), ("embed", "vocab")),
+                        (self.width, self.codebook_size))
+    bias = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (self.codebook_size,))
+    logits = jnp.einsum("btd,dv->btv", x, kernel.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + bias.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel decoding.
+
+def mask_schedule(num_tokens: int, steps: int) -> np.ndarray:
+  """int [steps]: how many tokens are still masked after each decoding step, the same for every
+  example: m_t = floor(N cos(pi/2 (t + 1) / T)), at least 1 and at most the number still masked
+  for t < T - 1, and 0 at t = T - 1. (The floor is non-increasing, so only the lower clip ever
+  binds. MAGE clips at (still masked) - 1 instead, so that every step fixes a token; that differs
+  only when T is large against N, e.g. 9 tokens in 12 steps, where the cosine counts repeat and a
+  step here re-draws without fixing anything.)
+  """
+  if steps < 1:
+    raise ValueError(f"decoding needs at least one step, got {steps}")
+  out, remaining = [], num_tokens
+  for t in range(steps):
+    if t == steps - 1:
+      m = 0
+    else:
+      m = math.floor(num_tokens * math.cos(0.5 * math.pi * (t + 1) / steps))
+      m = max(1, min(remaining, m))
+    out.append(m)
+    remaining = m
+  return np.asarray(out, np.int32)
+
+
+def cfg_scales(cfg_scale: float | None, steps: int, schedule: str = "constant") -> np.ndarray:
+  """float32 [steps]: the guidance scale of each step. "constant": s throughout; "linear": rising
+  1 + (s - 1) (t + 1) / T, reaching s at the last step. No guidance: ones."""
+  if cfg_scale is None:
+    return np.ones(steps, np.float32)
+  if schedule == "constant":
+    return np.full(steps, cfg_scale, np.float32)
+  if schedule == "linear":
+    return (1.0 + (cfg_scale - 1.0) * (np.arange(steps) + 1) / steps).astype(np.float32)
+  raise ValueError(f"unknown cfg schedule {schedule!r}: constant, linear")
+
+
+def choice_temperatures(choice_temperature: float, steps: int) -> np.ndarray:
+  """float32 [steps]: the Gumbel-noise temperature of the confidence at each step,
+  choice_temperature (1 - (t + 1) / T) (MAGE)."""
+  return (choice_temperature * (1.0 - (np.arange(steps) + 1) / steps)).astype(np.float32)
+
+
+def _variables(params):
+  return params if "params" in params else {"params": params}
+
+
+def _cast_floats(tree, dtype):
+  """Floating leaves to `dtype` once, before the decoding loop (not once per step)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return tree
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def _decode_step(logits, codes, known, keys, remaining, scale, gumbel_temp, *, batch, cfg,
+                 temperature):
+  """One decoding step on the model's logits [rows, N, K] (rows [cond; uncond] with CFG):
+  returns (codes, known) after drawing, keeping the fixed positions and re-masking the least
+  confident drawn ones so that `remaining` stay masked."""
+  if cfg:
+    logits = cfg_combine(logits[:batch], logits[batch:], scale)        # uncond + s (cond - uncond)
+  if temperature > 0:
+    logits = logits / temperature
+  draw_keys, noise_keys = jax.vmap(lambda k: jax.random.split(k), out_axes=1)(keys)
+  if temperature > 0:
+    drawn = jax.vmap(jax.random.categorical)(draw_keys, logits).astype(jnp.int32)    # [B, N]
+  else:
+    drawn = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  drawn = jnp.where(known, codes, drawn)
+  logp = (jnp.take_along_axis(logits, drawn[..., None], axis=-1)[..., 0]
+          - jax.nn.logsumexp(logits, axis=-1))
+  noise = jax.vmap(lambda k: jax.random.gumbel(k, drawn.shape[1:]))(noise_keys)
+  confidence = jnp.where(known, jnp.inf, logp + gumbel_temp * noise)
+  rank = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)        # 0 = least confident
+  return drawn, rank >= remaining
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "num_image_tokens", "num_classes", "codebook_size", "steps", "cfg_scale",
+    "cfg_schedule", "temperature", "choice_temperature", "return_history"))
+def _sample(model, variables, labels, rng, example_offset, *, num_image_tokens, num_classes,
+            codebook_size, steps, cfg_scale, cfg_schedule, temperature, choice_temperature,
+            return_history):
+  b, n = labels.shape[0], num_image_tokens
+  cfg = cfg_scale is not None
+  variables = _cast_floats(variables, model.dtype)
+  cls = labels.astype(jnp.int32)
+  if cfg:
+    cls = jnp.concatenate([cls, jnp.full_like(cls, null_class_id(num_classes))])
+  lo, mask_id = image_token_offset(num_classes), mask_token_id(num_classes, codebook_size)
+  example_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_offset + jnp.arange(b))
+
+  def body(carry, xs):
+    codes, known = carry
+    t, remaining, scale, gumbel_temp = xs
+    ids = jnp.where(known, codes + lo, mask_id)
+    if cfg:
+      ids = jnp.concatenate([ids, ids])
+    logits = model.apply(variables, jnp.concatenate([cls[:, None], ids], axis=1))
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(example_keys)
+    codes, known = _decode_step(logits, codes, known, keys, remaining, scale, gumbel_temp,
+                                batch=b, cfg=cfg, temperature=temperature)
+    return (codes, known), ((codes, known) if return_history else None)
+
+  xs = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(mask_schedule(n, steps)),
+        jnp.asarray(cfg_scales(cfg_scale, steps, cfg_schedule)),
+        jnp.asarray(choice_temperatures(choice_temperature, steps)))
+  init = (jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool))
+  (codes, _), history = jax.lax.scan(body, init, xs)
+  return (codes, history) if return_history else codes
+
+
+def sample(model: NARTransformer, params, labels, *, rng: jax.Array, steps: int = 8,
+           cfg_scale: float | None = 1.75, cfg_schedule: str = "constant",
+           temperature: float = 1.0, choice_temperature: float = 4.5,
+           example_offset: int = 0, num_image_tokens: int | None = None,
+           return_history: bool = False):
+  """Image code indices int32 [B, N] in [0, K) for class labels [B], by `steps` parallel decoding
+  steps (one jitted scan; one compilation per distinct static setting).
+
+  params: the model's `params` collection (or its variables dict). cfg_scale None or 1: no
+  guidance (and no doubled batch). temperature 0: argmax draws. choice_temperature: the initial
+  Gumbel temperature of the confidence (annealed linearly to 0). example_offset: the index of
+  labels[0] in a larger set (per-example random streams). num_image_tokens: N (default
+  model.seq_len - 1). return_history: also (codes, known) per step, each [steps, B, N] (known:
+  fixed after that step), for tests.
+  """
+  n = model.seq_len - 1 if num_image_tokens is None else int(num_image_tokens)
+  if n + 1 > model.seq_len:
+    raise ValueError(f"{n} image tokens do not fit seq_len {model.seq_len}")
+  guided = cfg_scale is not None and float(cfg_scale) != 1.0
+  return _sample(model, _variables(params), jnp.asarray(labels, jnp.int32), rng,
+                 jnp.asarray(example_offset, jnp.int32), num_image_tokens=n,
+                 num_classes=model.num_classes, codebook_size=model.codebook_size,
+                 steps=int(steps), cfg_scale=float(cfg_scale) if guided else None,
+                 cfg_schedule=cfg_schedule, temperature=float(temperature),
+                 choice_temperature=float(choice_temperature), return_history=return_history)
