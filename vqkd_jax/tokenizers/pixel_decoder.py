@@ -17,7 +17,8 @@ class PixelDecoder(nn.Module):
   """Code vectors [B, h, w, code_dim] -> images [B, h * 2^(S-1), w * 2^(S-1), out_channels] in about
   [-1, 1] (no tanh, as VQGAN), S = len(channel_mults).
 
-  pre_decode 1x1 conv code_dim -> width * channel_mults[0]; conv_in 3x3; mid Res-Attn-Res; then per
+  pre_decode: `pre_decode_depth` 1x1 convs code_dim -> z_channels (default width * channel_mults[0];
+  upstream VQGAN 256, FSQ two convs); conv_in 3x3 -> width * channel_mults[0]; mid Res-Attn-Res; then per
   stage s: num_res_blocks ResBlocks at width * channel_mults[s] (each followed by attention when s is
   in attn_stages), nearest x2 + conv3x3 after every stage but the last; GroupNorm-SiLU-conv3x3.
   Upstream (ImageNet, 16x16 -> 256x256): width 128, channel_mults (4, 2, 2, 1, 1), num_res_blocks 3,
@@ -29,17 +30,24 @@ class PixelDecoder(nn.Module):
   num_res_blocks: int = 3
   attn_stages: Sequence[int] = (0,)
   out_channels: int = 3
+  z_channels: int = 0
+  pre_decode_depth: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, return_features: bool = False):
+    """z [B, h, w, code_dim] -> images; with `return_features`, (images, features) where features
+    [B, H, W, width * channel_mults[-1]] are the input of the last conv (`conv_out`: what the
+    adaptive GAN weight differentiates, upstream's `last_parameter`)."""
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"expected codes of dim {self.code_dim}, got {z.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = z.astype(self.dtype)
     top = self.width * self.channel_mults[0]
-    x = conv(top, 1, name="pre_decode", **kw)(x)
+    zc = self.z_channels or top
+    for i in range(self.pre_decode_depth):
+      x = conv(zc, 1, name="pre_decode" if i == 0 else f"pre_decode{i}", **kw)(x)
     x = conv(top, 3, name="conv_in", **kw)(x)
     x = ResBlock(top, name="mid_res1", **kw)(x)
     x = AttnBlock2d(name="mid_attn", **kw)(x)
@@ -52,4 +60,5 @@ class PixelDecoder(nn.Module):
       if s < len(self.channel_mults) - 1:
         x = Upsample(name=f"stage{s}_up", **kw)(x)
     x = nn.silu(group_norm(x.shape[-1], "norm_out", **kw)(x))
-    return conv(self.out_channels, 3, name="conv_out", **kw)(x).astype(jnp.float32)
+    images = conv(self.out_channels, 3, name="conv_out", **kw)(x).astype(jnp.float32)
+    return (images, x) if return_features else images

@@ -34,7 +34,7 @@ from vqkd_jax.train import checkpoint as ckpt_lib
 from vqkd_jax.train import inputs as inputs_lib
 from vqkd_jax.train import metric_writers
 from vqkd_jax.train.objective import EvalContext, Objective
-from vqkd_jax.train.optimizers import make_optimizer
+from vqkd_jax.train.optimizers import make_stage_optimizer
 from vqkd_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -188,17 +188,17 @@ def setup(config, workdir: str | None = None, objective: Objective | None = None
   if objective is None:
     from vqkd_jax.train import stages
     objective = stages.make_objective(config, workdir=workdir, axis_name=axis_name)
-  tx, schedule = make_optimizer(config.optimizer, config.total_steps)
 
   # ------------------------------------------------------------------ Training state, sharded
   example = inputs_lib.example_batch(config)
   rng = jax.random.PRNGKey(config.seed)
+  abstract_vars = jax.eval_shape(lambda r: objective.init(jax.random.fold_in(r, 0), example), rng)
+  tx, schedule = make_stage_optimizer(config, list(abstract_vars["params"]))
 
   def init_state(rng):
     variables = objective.init(jax.random.fold_in(rng, 0), example)
     return TrainState.create(nn.unbox(variables), tx, rng)
 
-  abstract_vars = jax.eval_shape(lambda r: objective.init(jax.random.fold_in(r, 0), example), rng)
   abstract_state = jax.eval_shape(init_state, rng)
   if strategy.uses_pmap:
     state_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
@@ -302,9 +302,10 @@ def _state_shardings(abstract_vars, abstract_state, tx, mesh, strategy):
   var_shardings = dict(var_shardings)
   param_shardings = var_shardings.pop("params")
   rep = mesh_lib.replicated(mesh)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # multi_transform's other-group slots
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: rep)
+      tx, lambda v, s: v if masked(v) else s, abstract_state.opt_state, param_shardings,
+      transform_non_params=lambda _: rep, is_leaf=masked)
   model_state_shardings = {k: var_shardings[k] for k in abstract_state.model_state}
   return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings,
                     model_state=model_state_shardings, rng=rep)

@@ -59,6 +59,25 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
   return tx, schedule
 
 
+def make_stage_optimizer(config, param_groups=None) -> tuple[optax.GradientTransformation,
+                                                             optax.Schedule]:
+  """The stage's optimizer: config.optimizer for every parameter, or, when the config has a
+  `disc_optimizer` group (GAN stages), config.optimizer for the generator and disc_optimizer for the
+  top-level "discriminator" parameters (optax.multi_transform; separate moments and schedules, as
+  upstream's two optimizers). `param_groups`: the top-level parameter names. The returned schedule
+  is the generator's."""
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+  if "disc_optimizer" not in config:
+    return tx, schedule
+  groups = list(param_groups or [])
+  if "discriminator" not in groups:
+    raise ValueError("config.disc_optimizer is set but the stage has no 'discriminator' "
+                     f"parameters (top-level groups: {sorted(groups)})")
+  disc_tx, _ = make_optimizer(config.disc_optimizer, config.total_steps)
+  labels = {k: "discriminator" if k == "discriminator" else "generator" for k in groups}
+  return optax.multi_transform({"generator": tx, "discriminator": disc_tx}, labels), schedule
+
+
 def optimizer_config(**overrides):
   """Default optimizer group (upstream VQ-KD AdamW recipe); keyword arguments override fields."""
   import ml_collections
