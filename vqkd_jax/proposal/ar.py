@@ -14,6 +14,11 @@ loop (proposal/sampling.py) threads the cache through one jitted `lax.fori_loop`
 
 Sequence layout: [class] + image tokens in raster order. Vocabulary: classes [0, C), the null class C
 (classifier-free guidance), image token t -> C + 1 + t; vocab_size = C + 1 + codebook_size.
+
+Prefix conditioning (text-to-image, proposal/t2i.py): `prefix` embeddings [B, P, width] are placed
+ahead of the token embeddings (positions 0 .. P-1, the tokens at P ..); attention stays causal over
+the whole sequence, so every token sees the whole prefix. The prefix can be fed once into the cache
+(`tokens` [B, 0]) and decoding continues from position P.
 """
 
 from __future__ import annotations
@@ -251,8 +256,10 @@ class ARTransformer(nn.Module):
       xla). Decoding with a cache always uses the einsum path.
     remat: recompute each block's activations in the backward pass (memory for large batches).
 
-  Call: `__call__(tokens, train=False, positions=None, cache=None)`; positions [T] default arange(T);
-  with `cache` returns (logits, new cache).
+  Call: `__call__(tokens, train=False, positions=None, cache=None, prefix=None)`; positions [T]
+  default arange(T); with `cache` returns (logits, new cache). `prefix` [B, P, width] (embeddings,
+  e.g. projected text states) goes ahead of the T token embeddings: positions then cover P + T
+  (default arange(P + T)) and the logits are [B, P + T, vocab_size].
   """
   vocab_size: int
   seq_len: int
@@ -282,16 +289,18 @@ class ARTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False, positions: jax.Array | None = None,
-               cache: Cache | None = None):
+               cache: Cache | None = None, prefix: jax.Array | None = None):
     if self.flavour not in FLAVOURS:
       raise ValueError(f"unknown flavour {self.flavour!r}: one of {FLAVOURS}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-    t = tokens.shape[1]
-    positions = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embed",
                      embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))
     x = embed(tokens)
+    if prefix is not None:
+      x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    t = x.shape[1]
+    positions = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
     if self.flavour == "gpt2":
       pos = self.param("pos_embed", nn.with_logical_partitioning(dense_init(0.01), (None, "embed")),
                        (self.seq_len, self.width))

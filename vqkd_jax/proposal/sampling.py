@@ -8,6 +8,11 @@ appended to both halves of the doubled batch.
 `sample` is one jitted `lax.fori_loop` with a KV cache; `sample_full_recompute` is the reference
 path recomputing the whole prefix each step, and draws exactly the same tokens.
 
+Text-to-image (proposal/t2i.py): `sample_from_prefix` starts from prefix embeddings instead of a class
+token (the vocabulary is then the codebook alone); its rows for guidance are [prefix; uncond_prefix].
+The prefix is fed into the cache at once, then one image token per step.
+`sample_from_prefix_full_recompute` is its reference path.
+
 Random streams: example i of a call draws from fold_in(fold_in(rng, example_offset + i), step), so a
 sample depends on the seed and its index only, not on the batch it was drawn in or the device count.
 """
@@ -195,4 +200,109 @@ def sample_full_recompute(model: ar_lib.ARTransformer, params, labels, *, num_im
     if i + 1 < num_image_tokens:
       nxt = tok + lo
       seq = seq.at[:, i + 1].set(jnp.concatenate([nxt, nxt]) if cfg else nxt)
+  return jnp.stack(out, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling from prefix embeddings (text-to-image; vocabulary = codebook, token t has id t).
+
+def _prefix_rows(prefix, uncond_prefix, cfg):
+  if not cfg:
+    return prefix
+  if uncond_prefix is None:
+    raise ValueError("classifier-free guidance (cfg_scale != 1) needs uncond_prefix")
+  return jnp.concatenate([prefix, jnp.broadcast_to(uncond_prefix, prefix.shape)])
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "num_image_tokens", "codebook_size", "cfg_scale", "temperature", "top_k", "top_p"))
+def _sample_prefix_cached(model, variables, prefix, uncond_prefix, rng, example_offset, *,
+                          num_image_tokens, codebook_size, cfg_scale, temperature, top_k, top_p):
+  b, p = prefix.shape[:2]
+  cfg = uses_cfg(cfg_scale)
+  rows = _prefix_rows(prefix, uncond_prefix, cfg)
+  keys = _example_keys(rng, b, example_offset)
+  choose = lambda logits, i: _choose(logits, b, keys, i, 0, codebook_size, cfg_scale, temperature,
+                                     top_k, top_p)
+  # Positions 0 .. P-1 hold the prefix, P .. P+N-2 the image tokens 0 .. N-2 (the last never fed).
+  cache = model.init_cache(rows.shape[0], length=p + num_image_tokens - 1)
+  logits, cache = model.apply(variables, jnp.zeros((rows.shape[0], 0), jnp.int32),
+                              positions=jnp.arange(p), cache=cache, prefix=rows)
+  first = choose(logits[:, -1], 0)
+  out = jnp.zeros((b, num_image_tokens), jnp.int32).at[:, 0].set(first)
+
+  def body(i, carry):
+    cache, tok, out = carry
+    inp = jnp.concatenate([tok, tok]) if cfg else tok
+    logits, cache = model.apply(variables, inp[:, None], positions=(p + i - 1)[None], cache=cache)
+    tok = choose(logits[:, 0], i)
+    return cache, tok, jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+
+  _, _, out = jax.lax.fori_loop(1, num_image_tokens, body, (cache, first, out))
+  return out
+
+
+def _check_prefix_args(model, prefix, num_image_tokens, codebook_size):
+  if prefix.ndim != 3 or prefix.shape[-1] != model.width:
+    raise ValueError(f"prefix must be [B, P, {model.width}], got {prefix.shape}")
+  if prefix.shape[1] + num_image_tokens - 1 > model.seq_len:
+    raise ValueError(f"a prefix of {prefix.shape[1]} and {num_image_tokens} image tokens do not "
+                     f"fit seq_len {model.seq_len}")
+  if model.vocab_size != codebook_size:
+    raise ValueError(f"prefix sampling reads a vocabulary of image codes only: model.vocab_size "
+                     f"{model.vocab_size} != codebook_size {codebook_size}")
+
+
+def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image_tokens: int,
+                       codebook_size: int, rng: jax.Array, uncond_prefix=None,
+                       cfg_scale: float | None = 1.75, temperature: float = 1.0,
+                       top_k: int | None = 600, top_p: float | None = 0.92,
+                       example_offset: int = 0) -> jax.Array:
+  """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) after prefix embeddings
+  [B, P, width] (model.vocab_size == codebook_size: image token t has id t).
+
+  uncond_prefix: [B, P, width] or broadcastable ([P, width]), the unconditional rows of guidance
+  (the learned null prefix); needed unless cfg_scale is None or 1. Other arguments as `sample`.
+  One jitted program: the prefix in one cached forward, then a fori_loop over the tokens."""
+  prefix = jnp.asarray(prefix)
+  _check_prefix_args(model, prefix, num_image_tokens, codebook_size)
+  static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
+  uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix, prefix.dtype)
+  if not uses_cfg(static["cfg_scale"]):
+    uncond = None
+  return _sample_prefix_cached(model, _variables(params), prefix, uncond, rng,
+                               jnp.asarray(example_offset, jnp.int32),
+                               num_image_tokens=num_image_tokens, codebook_size=codebook_size,
+                               **static)
+
+
+def sample_from_prefix_full_recompute(model: ar_lib.ARTransformer, params, prefix, *,
+                                      num_image_tokens: int, codebook_size: int, rng: jax.Array,
+                                      uncond_prefix=None, cfg_scale: float | None = 1.75,
+                                      temperature: float = 1.0, top_k: int | None = 600,
+                                      top_p: float | None = 0.92,
+                                      example_offset: int = 0) -> jax.Array:
+  """The reference path of `sample_from_prefix` (same arguments and random streams): no cache, a
+  full forward over prefix + all tokens drawn so far at every step (Python loop; for tests)."""
+  prefix = jnp.asarray(prefix)
+  _check_prefix_args(model, prefix, num_image_tokens, codebook_size)
+  static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
+  variables = _variables(params)
+  b, p = prefix.shape[:2]
+  cfg = uses_cfg(static["cfg_scale"])
+  rows = _prefix_rows(prefix, None if uncond_prefix is None else jnp.asarray(uncond_prefix), cfg)
+  keys = _example_keys(rng, b, jnp.asarray(example_offset, jnp.int32))
+  seq = jnp.zeros((rows.shape[0], num_image_tokens - 1), jnp.int32)
+
+  @jax.jit
+  def step(seq, i):
+    logits = model.apply(variables, seq, prefix=rows)          # [rows, P + N - 1, V]
+    return _choose(jnp.take(logits, p - 1 + i, axis=1), b, keys, i, 0, codebook_size, **static)
+
+  out = []
+  for i in range(num_image_tokens):
+    tok = step(seq, jnp.asarray(i, jnp.int32))
+    out.append(tok)
+    if i + 1 < num_image_tokens:
+      seq = seq.at[:, i].set(jnp.concatenate([tok, tok]) if cfg else tok)
   return jnp.stack(out, axis=1)

@@ -83,14 +83,16 @@ def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int
   return float(np.exp(res["nll_sum"].sum() / res["count"].sum()))
 
 
-def load_ar(workdir: str, precision: str = "float32"):
+def load_ar(workdir: str, precision: str = "float32", tokenizer=None):
   """(module, variables, info) of a trained AR stage; info has num_classes, codebook_size, grid,
-  tokenizer_workdir and tokenizer (the FrozenTokenizer, loaded once)."""
+  tokenizer_workdir and tokenizer (the FrozenTokenizer, loaded once). `tokenizer`: a
+  FrozenTokenizer or work directory to use instead of the config's tokenizer_workdir."""
   from vqkd_jax.train.loop import load_trained
 
   trained = load_trained(workdir)
   cfg = trained["config"]
-  tokenizer = load_frozen_tokenizer(cfg["tokenizer_workdir"], precision)
+  if tokenizer is None or isinstance(tokenizer, str):
+    tokenizer = load_frozen_tokenizer(tokenizer or cfg["tokenizer_workdir"], precision)
   h, w = tokenizer.grid(cfg["data"]["image_size"])
   info = {"num_classes": cfg["data"]["num_classes"], "codebook_size": tokenizer.num_codes,
           "grid": (h, w), "tokenizer_workdir": cfg["tokenizer_workdir"], "tokenizer": tokenizer}

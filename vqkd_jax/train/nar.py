@@ -103,15 +103,17 @@ def validation_metrics(config, model, model_vars, tokens_fn, num_classes: int,
           "masked_perplexity": float(np.exp(res["nll_sum"].sum() / count))}
 
 
-def load_nar(workdir: str, precision: str = "float32"):
+def load_nar(workdir: str, precision: str = "float32", tokenizer=None):
   """(module, variables, info) of a trained NAR stage; info has num_classes, codebook_size, grid,
   tokenizer_workdir, tokenizer (the FrozenTokenizer, loaded once) and the config's sampling group
-  (steps, cfg_scale, ...) when it has one."""
+  (steps, cfg_scale, ...) when it has one. `tokenizer`: a FrozenTokenizer or work directory
+  to use instead of the config's tokenizer_workdir."""
   from vqkd_jax.train.loop import load_trained
 
   trained = load_trained(workdir)
   cfg = trained["config"]
-  tokenizer = load_frozen_tokenizer(cfg["tokenizer_workdir"], precision)
+  if tokenizer is None or isinstance(tokenizer, str):
+    tokenizer = load_frozen_tokenizer(tokenizer or cfg["tokenizer_workdir"], precision)
   h, w = tokenizer.grid(cfg["data"]["image_size"])
   info = {"num_classes": cfg["data"]["num_classes"], "codebook_size": tokenizer.num_codes,
           "grid": (h, w), "tokenizer_workdir": cfg["tokenizer_workdir"], "tokenizer": tokenizer,
