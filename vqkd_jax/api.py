@@ -1,12 +1,15 @@
 """Python API for notebooks and scripts: sample images from a trained pipeline.
 
     from vqkd_jax.api import Generator
-    gen = Generator.from_workdir("runs/demo")          # finds ar/, pixel_decoder/ and the tokenizer
+    gen = Generator.from_checkpoint("runs/demo")   # finds ar/ (or nar/), pixel_decoder/, tokenizer
     images = gen.sample([0, 1, 2], cfg_scale=1.75, seed=0)   # uint8 [3, H, W, 3]
+    gen = Generator.from_checkpoint("runs/demo", kind="nar")   # the masked-token network
+    images = gen.sample([0, 1, 2], steps=8)
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -57,54 +60,237 @@ class Tokenizer:
     return np.asarray(self._decode(jnp.asarray(indices)))
 
 
+PROPOSAL_STAGES = ("ar", "nar")
+
+
+class SamplingError(ValueError):
+  """A wrong proposal kind, label or sampling setting; the message fits one line."""
+
+
+def _saved_stage(workdir: str) -> str | None:
+  """The `stage` of the config saved in workdir/config.json (None when there is none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("stage")
+
+
+def _train_command(kind: str, root: str, tokenizer: str | None = None) -> str:
+  """The command that makes stage `kind` in the demo-style directory `root`."""
+  tokenizer = tokenizer or os.path.join(root, "tokenizer")
+  if kind == "tokenizer":
+    return f"`vqkd demo --workdir {root}` (makes {root}/tokenizer)"
+  config = {"ar": "ar", "nar": "nar", "pixel_decoder": "pixel_decoder"}[kind]
+  command = (f"`vqkd train --config configs/demo/{config}.py --workdir {os.path.join(root, kind)} "
+             f"--config.tokenizer_workdir={tokenizer}`")
+  return command if kind == "nar" else f"{command} (or `vqkd demo --workdir {root}`)"
+
+
+# The row a multi-row demo directory (configs/demo/demo.py: <workdir>/<row>/<stage>) gives by
+# default: VQ-KD distilled from the CLIP-style teacher, the paper's tokenizer.
+DEFAULT_ROW = "vqkd_clip"
+
+
+def _has_proposal(workdir: str) -> bool:
+  return any(_saved_stage(os.path.join(workdir, k)) == k for k in PROPOSAL_STAGES)
+
+
+def demo_rows(path: str) -> list[str]:
+  """The rows of a multi-row demo directory: its subdirectories holding ar/ or nar/, sorted."""
+  if not os.path.isdir(path):
+    return []
+  return sorted(d for d in os.listdir(path) if _has_proposal(os.path.join(path, d)))
+
+
+def find_proposal(path: str, kind: str | None = None, row: str | None = None) -> tuple[str, str]:
+  """(work directory, kind) of the proposal network that `path` names: `path` is the work
+  directory of an ar or nar stage (its config.json's stage), or a demo-style directory holding
+  ar/ and/or nar/ (kind picks one; default ar when both), or a multi-row demo directory whose
+  row directories are demo-style (row picks one; default: the only row, else DEFAULT_ROW).
+  Raises FileNotFoundError naming what is missing and the command that makes it."""
+  if kind is not None and kind not in PROPOSAL_STAGES:
+    raise SamplingError(f"kind must be one of {PROPOSAL_STAGES} or None, got {kind!r}")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} does not exist; make it with `vqkd demo --workdir {path}`")
+  rows = demo_rows(path)
+  if row is not None:
+    if row not in rows:
+      raise FileNotFoundError(f"{path} has no row {row!r} holding ar/ or nar/ (rows: "
+                              f"{', '.join(rows) or 'none'})")
+    path = os.path.join(path, row)
+  elif not _has_proposal(path) and _saved_stage(path) is None and rows:
+    if len(rows) > 1 and DEFAULT_ROW not in rows:
+      raise FileNotFoundError(f"{path} holds the rows {', '.join(rows)}: pick one with row=")
+    path = os.path.join(path, rows[0] if len(rows) == 1 else DEFAULT_ROW)
+  stage = _saved_stage(path)
+  if stage in PROPOSAL_STAGES:
+    if kind is not None and kind != stage:
+      raise SamplingError(f"{path} holds a {stage} stage, not {kind}")
+    return path, stage
+  if stage is not None:
+    raise SamplingError(f"{path} holds a {stage!r} stage, not a proposal network "
+                        f"({', '.join(PROPOSAL_STAGES)}); pass its demo work directory or the work "
+                        f"directory of an ar or nar stage")
+  found = [k for k in PROPOSAL_STAGES if _saved_stage(os.path.join(path, k)) == k]
+  if kind is None and found:
+    kind = found[0]
+  if kind is None:
+    raise FileNotFoundError(f"{path} holds no proposal stage (ar/ or nar/): train one with "
+                            f"{_train_command('ar', path)} or {_train_command('nar', path)}")
+  if kind not in found:
+    raise FileNotFoundError(f"{path} has no {kind}/ stage: train it with "
+                            f"{_train_command(kind, path)}")
+  return os.path.join(path, kind), kind
+
+
+def find_tokenizer(proposal_workdir: str) -> str:
+  """The tokenizer work directory of a proposal stage: its config's tokenizer_workdir, or, when
+  that path is gone (the runs moved), the sibling tokenizer/ of a demo-style directory."""
+  with open(os.path.join(proposal_workdir, "config.json")) as f:
+    saved = json.load(f).get("tokenizer_workdir") or ""
+  if saved and _saved_stage(saved) is not None:
+    return saved
+  root = os.path.dirname(os.path.abspath(proposal_workdir))
+  sibling = os.path.join(root, "tokenizer")
+  if _saved_stage(sibling) is not None:
+    return sibling
+  raise FileNotFoundError(
+      f"the tokenizer of {proposal_workdir} is missing: neither its config's tokenizer_workdir "
+      f"({saved or 'unset'}) nor {sibling} holds a trained stage; pass tokenizer= or make one "
+      f"with {_train_command('tokenizer', root)}")
+
+
 class Generator:
-  """A class-conditional generator: AR prior -> code indices -> pixel decoder -> uint8 images."""
+  """A class-conditional generator: proposal network (AR or NAR) -> code indices -> pixels.
 
-  def __init__(self, ar_workdir: str, decoder_workdir: str, precision: str = "float32"):
+  `kind` is "ar" (autoregressive, KV-cached sampling) or "nar" (masked-token parallel decoding).
+  The tokenizer decodes the codes itself (VQGAN, FSQ) or through its pixel decoder (VQ-KD,
+  Cluster). Load with `Generator.from_checkpoint(path)`."""
+
+  def __init__(self, proposal_workdir: str, decoder_workdir: str | None = None,
+               precision: str = "float32", *, tokenizer=None):
+    """proposal_workdir: an ar or nar stage's work directory; decoder_workdir: the pixel decoder
+    stage (None for tokenizers that decode themselves); tokenizer: a work directory or a loaded
+    FrozenTokenizer (default: the proposal config's tokenizer_workdir)."""
     from vqkd_jax.train import ar as ar_stage
+    from vqkd_jax.train import nar as nar_stage
 
-    self.model, self.variables, info = ar_stage.load_ar(ar_workdir, precision)
+    self.kind = _saved_stage(proposal_workdir)
+    if self.kind not in PROPOSAL_STAGES:
+      raise SamplingError(f"{proposal_workdir} holds a {self.kind!r} stage, not a proposal "
+                          f"network ({', '.join(PROPOSAL_STAGES)})")
+    load = ar_stage.load_ar if self.kind == "ar" else nar_stage.load_nar
+    self.model, self.variables, info = load(proposal_workdir, precision, tokenizer=tokenizer)
     self.num_classes = info["num_classes"]
     self.codebook_size = info["codebook_size"]
     self.grid = info["grid"]
+    self.sampling = info.get("sampling", {})          # NAR: the stage config's decoding settings
     self.tokenizer = Tokenizer(info["tokenizer"], decoder_workdir, precision)
 
   @classmethod
-  def from_workdir(cls, workdir: str, precision: str = "float32") -> "Generator":
-    """Loads from a demo-style work directory holding `ar/` and `pixel_decoder/`."""
-    for sub in ("ar", "pixel_decoder"):
-      if not os.path.isdir(os.path.join(workdir, sub)):
-        raise FileNotFoundError(f"{workdir} has no {sub}/ stage; run `vqkd demo --workdir {workdir}`")
-    return cls(os.path.join(workdir, "ar"), os.path.join(workdir, "pixel_decoder"), precision)
+  def from_checkpoint(cls, path: str, precision: str = "float32", *, kind: str | None = None,
+                      row: str | None = None, decoder: str | None = None,
+                      tokenizer: str | None = None) -> "Generator":
+    """Everything from one path: a demo-style work directory (ar/ and/or nar/, tokenizer/,
+    pixel_decoder/), a multi-row demo directory (<path>/<row>/ demo-style), or one proposal
+    stage's work directory.
+
+    kind: "ar" | "nar" | None, which proposal network of a demo directory (default ar when both).
+    row: which row of a multi-row demo (default: the only one, else DEFAULT_ROW, "vqkd_clip").
+    The tokenizer is the proposal config's tokenizer_workdir, or the sibling tokenizer/ when that
+    path moved (or `tokenizer`); when it cannot decode pixels itself the pixel decoder is `decoder`
+    or the sibling pixel_decoder/. A missing piece raises FileNotFoundError naming it and the
+    command that makes it."""
+    from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
+
+    proposal, kind = find_proposal(path, kind, row)
+    frozen = load_frozen_tokenizer(tokenizer or find_tokenizer(proposal), precision)
+    if frozen.decode is not None:
+      decoder = None
+    elif decoder is None:
+      root = os.path.dirname(os.path.abspath(proposal))
+      decoder = os.path.join(root, "pixel_decoder")
+      if _saved_stage(decoder) != "pixel_decoder":
+        raise FileNotFoundError(
+            f"{frozen.stage} codes need a pixel decoder and {decoder} holds none: pass decoder= "
+            f"or train one with {_train_command('pixel_decoder', root)}")
+    elif _saved_stage(decoder) != "pixel_decoder":
+      raise FileNotFoundError(f"{decoder} holds no pixel_decoder stage")
+    return cls(proposal, decoder, precision, tokenizer=frozen)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, precision: str = "float32", **kwargs) -> "Generator":
+    """Alias of from_checkpoint (kept for earlier callers)."""
+    return cls.from_checkpoint(workdir, precision, **kwargs)
 
   def sample_tokens(self, labels: Sequence[int], *, cfg_scale: float = 1.75,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int = 256) -> np.ndarray:
-    """Code indices [N, h, w] for the class `labels` (each sample depends on the seed and its
-    position in `labels` only, not on batch_size)."""
-    from vqkd_jax.proposal.sampling import sample
+                    batch_size: int = 256, steps: int | None = None,
+                    choice_temperature: float | None = None) -> np.ndarray:
+    """Code indices int32 [N, h, w] for the class `labels` [N] (each sample depends on the seed
+    and its position in `labels` only, not on batch_size).
 
-    labels = np.asarray(labels, np.int32)
+    Both kinds: cfg_scale (1 or None: no guidance), temperature (0: argmax). AR: top_k (0: off),
+    top_p (1: off). NAR: steps and choice_temperature (default: the stage config's sampling
+    group; its cfg_schedule applies). A setting the kind does not use raises SamplingError."""
+    from vqkd_jax.proposal import nar as nar_lib
+    from vqkd_jax.proposal.sampling import sample as ar_sample
+
+    labels = np.asarray(labels, np.int32).reshape(-1)
     if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-      raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+      raise SamplingError(f"labels must be in [0, {self.num_classes}), got "
+                          f"{labels.min()}..{labels.max()}")
+    num_tokens = self.grid[0] * self.grid[1]
+    if self.kind == "nar":
+      if top_k or (top_p is not None and top_p != 1.0):
+        raise SamplingError("top_k and top_p filter AR sampling; NAR decoding does not use them "
+                            "(it takes steps, temperature and choice_temperature)")
+      settings = {k: self.sampling[k] for k in ("steps", "cfg_schedule", "choice_temperature")
+                  if k in self.sampling}
+      if steps is not None:
+        settings["steps"] = steps
+      if choice_temperature is not None:
+        settings["choice_temperature"] = choice_temperature
+      draw = lambda chunk, rng, start: nar_lib.sample(
+          self.model, self.variables, chunk, rng=rng, cfg_scale=cfg_scale, temperature=temperature,
+          example_offset=start, num_image_tokens=num_tokens, **settings)
+    else:
+      if steps is not None or choice_temperature is not None:
+        raise SamplingError("steps and choice_temperature set NAR decoding; AR sampling draws one "
+                            "token per step and does not use them")
+      draw = lambda chunk, rng, start: ar_sample(
+          self.model, self.variables, chunk, num_image_tokens=num_tokens,
+          num_classes=self.num_classes, codebook_size=self.codebook_size, rng=rng,
+          cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+          example_offset=start)
     out = []
     rng = jax.random.PRNGKey(seed)
     for start in range(0, len(labels), batch_size):
       chunk = labels[start:start + batch_size]
       n = len(chunk)
+      # Every chunk of a long list has batch_size rows (one compilation); padded rows are dropped.
       padded = np.pad(chunk, (0, batch_size - n)) if len(labels) > batch_size else chunk
-      tokens = sample(self.model, self.variables, jnp.asarray(padded),
-                      num_image_tokens=self.grid[0] * self.grid[1], num_classes=self.num_classes,
-                      codebook_size=self.codebook_size, rng=rng, cfg_scale=cfg_scale,
-                      temperature=temperature, top_k=top_k, top_p=top_p,
-                      example_offset=start)
-      out.append(np.asarray(tokens)[:n])
-    tokens = np.concatenate(out) if out else np.zeros((0, self.grid[0] * self.grid[1]), np.int32)
+      out.append(np.asarray(draw(jnp.asarray(padded), rng, start))[:n])
+    tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
     return tokens.reshape(-1, *self.grid)
 
   def sample(self, labels: Sequence[int], **kwargs) -> np.ndarray:
-    """uint8 images [N, H, W, 3] for the class `labels`; kwargs as `sample_tokens`."""
+    """uint8 images [N, H, W, 3] for the class `labels` [N]; kwargs as `sample_tokens`
+    (cfg_scale, temperature, top_k, top_p, seed, batch_size, steps, choice_temperature)."""
     return self.tokenizer.decode(self.sample_tokens(labels, **kwargs))
+
+
+def _check_bench_group(config) -> None:
+  """`vqkd bench sample` times a randomly initialised model of the size that config.bench names
+  (grid, codebook_size: no tokenizer needed) with the sampling settings of config.sampling."""
+  from vqkd_jax.config import ConfigError
+
+  missing = [k for k in ("bench", "sampling") if config.get(k) is None]
+  if missing:
+    raise ConfigError(f"`vqkd bench sample` needs the config's {' and '.join(missing)} group(s) "
+                      f"(bench: grid, codebook_size; sampling: the decoding settings), as "
+                      f"configs/demo/nar.py and configs/imagenet/nar.py have")
 
 
 def bench_sampling(config, steps: int = 3) -> dict:
@@ -114,6 +300,7 @@ def bench_sampling(config, steps: int = 3) -> dict:
   from vqkd_jax.proposal.sampling import sample
   from vqkd_jax.train import ar as ar_stage
 
+  _check_bench_group(config)
   b = config.batch_size
   num_tokens = config.bench.grid * config.bench.grid
   model = ar_stage.build_model(config.model, num_classes=config.data.num_classes,
@@ -152,6 +339,7 @@ def bench_nar_sampling(config, steps: int = 3) -> dict:
   from vqkd_jax.proposal import nar as nar_lib
   from vqkd_jax.train import nar as nar_stage
 
+  _check_bench_group(config)
   b = config.bench.get("batch_size", config.batch_size)
   num_tokens = config.bench.grid * config.bench.grid
   model = nar_stage.build_model(config.model, num_classes=config.data.num_classes,

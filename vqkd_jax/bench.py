@@ -193,6 +193,7 @@ def main(what: str, config, steps: int, peak_tflops: float) -> None:
     print(_table(bench_pipeline(config, steps=steps)))
     return
   else:
-    from vqkd_jax.api import bench_sampling
-    row = bench_sampling(config, steps=steps)
+    from vqkd_jax.api import bench_nar_sampling, bench_sampling
+    bench_fn = bench_nar_sampling if config.get("stage") == "nar" else bench_sampling
+    row = bench_fn(config, steps=steps)
   print(_table([row]))

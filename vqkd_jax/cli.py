@@ -2,9 +2,9 @@
 
   vqkd train    --config configs/demo/vqkd.py[:arg] --workdir DIR [--config.a.b=value ...]
   vqkd evaluate --config ... --workdir DIR        evaluate the newest checkpoint of a stage
-  vqkd sample   --workdir DEMO_DIR [--labels 0,1] [--cfg 1.75] [--out grid.png]
+  vqkd sample   --workdir DIR [--kind ar|nar] [--labels 0,1] [--cfg 1.75] [--out grid.png]
   vqkd bench    train|sample|pipeline --config ... [--steps N] | fid [--batch 256 --mode exact]
-  vqkd convert  inception SRC.pth OUT.npz     PyTorch weights, converted once
+  vqkd convert  inception SRC.pth OUT.npz | lpips VGG16.pth OUT --lin vgg.pth   PyTorch weights, converted once
   vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
   vqkd data     prepare [--image_size 32] | prepare-imagenet --manual_dir DIR |
                 convert-folder SRC OUT --name NAME |
@@ -54,8 +54,19 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--config", required=True)
   e.add_argument("--workdir", required=True)
 
-  s = sub.add_parser("sample", help="sample images from a demo work directory")
-  s.add_argument("--workdir", required=True, help="the demo's work directory")
+  s = sub.add_parser("sample", help="sample images from a demo work directory or a proposal stage")
+  s.add_argument("--workdir", required=True,
+                 help="a demo-style work directory (ar/ and/or nar/) or an ar or nar stage's")
+  s.add_argument("--kind", default=None, choices=["ar", "nar"],
+                 help="which proposal network of a demo directory (default: ar when both)")
+  s.add_argument("--row", default=None,
+                 help="which row of a multi-row demo directory (default: vqkd_clip)")
+  s.add_argument("--steps", type=int, default=None,
+                 help="nar: decoding steps (default: the stage config's sampling.steps)")
+  s.add_argument("--choice_temperature", type=float, default=None,
+                 help="nar: initial Gumbel temperature of the confidence (default: the config's)")
+  s.add_argument("--decoder", default=None,
+                 help="pixel decoder work directory (default: the sibling pixel_decoder/)")
   s.add_argument("--labels", default="", help="comma-separated class ids (default: every class)")
   s.add_argument("--per_label", type=int, default=8)
   s.add_argument("--cfg", type=float, default=1.75)
@@ -63,11 +74,13 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--top_k", type=int, default=0)
   s.add_argument("--top_p", type=float, default=1.0)
   s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--out", default=None, help="PNG path (default: <workdir>/samples.png)")
+  s.add_argument("--out", default=None,
+                 help="PNG path (default: <workdir>/sampled_<kind>_seed<seed>.png)")
 
   b = sub.add_parser("bench", help="time a stage's training step or sampling")
   b.add_argument("what", choices=["train", "sample", "pipeline", "fid"],
-                 help="train: one stage's update step; sample: AR sampling; pipeline: every stage "
+                 help="train: one stage's update step; sample: AR or NAR sampling (by the "
+                 "config's stage); pipeline: every stage "
                  "of a demo config for --steps steps on synthetic data; fid: the FID Inception "
                  "forward (random weights) and the Frechet distance")
   b.add_argument("--config", default=None, help="required except for fid")
@@ -79,9 +92,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="measured bf16 peak per device for MFU (H100: ~780)")
 
   cv = sub.add_parser("convert", help="convert PyTorch weights once (read without torch or pickle)")
-  cv.add_argument("what", choices=["inception"])
-  cv.add_argument("src", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+  cv.add_argument("what", choices=["inception", "lpips"])
+  cv.add_argument("src", help="inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth; "
+                  "lpips: torchvision's vgg16-397923af.pth")
   cv.add_argument("out", help="converted file (.npz or .msgpack)")
+  cv.add_argument("--lin", default=None, help="lpips: the lpips package's weights/v0.1/vgg.pth")
 
   d = sub.add_parser("demo", help="the walking skeleton on the built-in dataset, stage by stage")
   d.add_argument("--workdir", default="runs/demo")
@@ -159,15 +174,21 @@ def _run(args, overrides: list[str]) -> int:
       print(f"{k}: {v}")
     return 0
   if args.command == "sample":
-    from vqkd_jax.api import Generator
+    from vqkd_jax.api import Generator, SamplingError
     from vqkd_jax.evaluation.images import save_grid
-    gen = Generator.from_workdir(args.workdir)
-    labels = ([int(x) for x in args.labels.split(",")] if args.labels
-              else list(range(gen.num_classes)))
-    labels = [l for l in labels for _ in range(args.per_label)]
-    images = gen.sample(labels, cfg_scale=args.cfg, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    out = args.out or os.path.join(args.workdir, "samples.png")
+    try:
+      gen = Generator.from_checkpoint(args.workdir, kind=args.kind, row=args.row,
+                                      decoder=args.decoder)
+      labels = ([int(x) for x in args.labels.split(",")] if args.labels
+                else list(range(gen.num_classes)))
+      labels = [l for l in labels for _ in range(args.per_label)]
+      images = gen.sample(labels, cfg_scale=args.cfg, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, steps=args.steps,
+                          choice_temperature=args.choice_temperature)
+    except SamplingError as e:        # a wrong kind, label or setting: one line
+      raise ConfigError(str(e)) from e
+    # Not samples_<kind>.png: the demo's report writes that one beside its table.
+    out = args.out or os.path.join(args.workdir, f"sampled_{gen.kind}_seed{args.seed}.png")
     save_grid(images, out, ncols=args.per_label)
     print(f"wrote {len(images)} samples to {out}")
     return 0
@@ -183,6 +204,19 @@ def _run(args, overrides: list[str]) -> int:
     bench.main(args.what, config, steps=args.steps, peak_tflops=args.peak_tflops)
     return 0
   if args.command == "convert":
+    if args.what == "lpips":
+      from vqkd_jax.evaluation.lpips import convert_lpips
+      from vqkd_jax.io.torch_pth import UnsafePickleError
+      if not args.lin:
+        raise ConfigError("vqkd convert lpips needs --lin LIN.pth: LPIPS's linear heads, "
+                          "lpips/weights/v0.1/vgg.pth inside the `lpips` package (pip install "
+                          "lpips==0.1.4, or unzip its wheel from `pip download lpips==0.1.4 "
+                          "--no-deps`)")
+      try:
+        print(f"wrote {convert_lpips(args.src, args.lin, args.out)}")
+      except (ValueError, UnsafePickleError) as e:   # keys/shapes that do not fit, unsafe .pth
+        raise ConfigError(str(e)) from e
+      return 0
     from vqkd_jax.evaluation.inception import convert_inception_file
     print(f"wrote {convert_inception_file(args.src, args.out)}")
     return 0

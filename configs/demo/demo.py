@@ -1,10 +1,32 @@
-"""The walking skeleton on the built-in dataset: every stage's config, and the report's settings.
+"""The paper in a box: every tokenizer row of the paper's table, trained and measured on the
+built-in dataset with nothing downloaded.
 
-  vqkd demo --workdir runs/demo                      # about 10 minutes on 2 CPU cores
-  vqkd demo --workdir runs/tiny --config configs/demo/demo.py:runlocal   # seconds (tests)
-  vqkd bench pipeline --config configs/demo/demo.py:precision=bfloat16 --steps 30   # GPU step times
+  vqkd demo --workdir runs/demo                                    # one seed, ~20 min on 2 CPU cores
+  vqkd demo --workdir runs/demo --config configs/demo/demo.py:seeds=3   # 3 seeds, verdicts with spread
+  vqkd demo --workdir runs/demo_gpu --config configs/demo/demo.py:gpu   # larger study, one GPU
+  vqkd demo --workdir runs/tiny --config configs/demo/demo.py:runlocal  # seconds (tests)
 
-Override a stage's field with its group name: --config.ar.total_steps=2000.
+Shared stages, trained once (`<workdir>/shared/<stage>`): the four in-the-box teachers (supervised
+ViT, MAE-, CLIP- and DINO-style), the perceptual network of the GAN-trained decoders, and the
+evaluator network whose features FD_eval uses. Rows (`<workdir>/<row>/<stage>`):
+
+  vqgan      VQGAN (pixel reconstruction + perceptual + PatchGAN)       AR, NAR, T2I
+  fsq        FSQ on the same trunk                                      AR, NAR
+  vqkd_clip  VQ-KD distilled from the CLIP-style teacher + pixel decoder  AR, NAR, T2I
+  vqkd_vit / vqkd_dino / vqkd_mae   VQ-KD from the other teachers + pixel decoder   AR, NAR
+  cluster    Cluster: the CLIP-style teacher's tokens clustered (as upstream's Cluster, on CLIP)
+             + pixel decoder                                              AR, NAR
+
+T2I (captions through the CLIP-style teacher's text tower) runs on the VQGAN and VQ-KD_CLIP rows,
+the pair the paper's text-to-image comparison turns on. Each stage's config is its own file's
+(configs/demo/<stage>.py), with the steps of the size variant below (warm-up and GAN start scaled
+with them). Override a field with its path: --config.rows.vqgan.ar.total_steps=2000,
+--config.shared.evaluator.total_steps=500, --config.report.num_samples=2000.
+
+Variants: `seeds=N` repeats every stage but the evaluator (the measuring instrument, shared so that
+FD_eval stays comparable) N times with seed + r (repeat r > 0 in `<workdir>/seed<r>/`), then reports
+mean +- std and a verdict per seed and overall. `gpu`: 64x64 images (16x16 tokens, as the paper's
+256 / 16), every stage with more steps, wider proposal networks, 5,000 samples per FD_eval.
 """
 
 import os
@@ -15,18 +37,123 @@ from vqkd_jax.config import load_config, parse_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Shared stages: key -> config file (the key is also the directory under <workdir>/shared).
+SHARED = (("teacher_vit", "teacher.py"), ("teacher_mae", "teacher_mae.py"),
+          ("teacher_clip", "teacher_clip.py"), ("teacher_dino", "teacher_dino.py"),
+          ("perceptual", "perceptual.py"), ("evaluator", "evaluator.py"))
+
+# Rows: key, table label, tokenizer config (file, arg), shared teacher, with T2I.
+ROWS = (
+    ("vqgan", "VQGAN", ("vqgan.py", "quantizer=vq"), "", True),
+    ("fsq", "FSQ", ("vqgan.py", "quantizer=fsq"), "", False),
+    ("vqkd_clip", "VQ-KD_CLIP", ("vqkd.py", "teacher=clip"), "teacher_clip", True),
+    ("vqkd_vit", "VQ-KD_ViT", ("vqkd.py", "teacher=vit"), "teacher_vit", False),
+    ("vqkd_dino", "VQ-KD_DINO", ("vqkd.py", "teacher=dino"), "teacher_dino", False),
+    ("vqkd_mae", "VQ-KD_MAE", ("vqkd.py", "teacher=mae"), "teacher_mae", False),
+    ("cluster", "Cluster_CLIP", ("cluster.py", ""), "teacher_clip", False),
+)
+
+# Steps and batch sizes per stage (shared keys, and row stages by kind). "default" is sized for
+# 20 minutes on 2 CPU cores (see the README for what was measured); "gpu" is meant for one GPU.
+STEPS = {
+    "default": dict(teacher_vit=300, teacher_mae=400, teacher_clip=300, teacher_dino=250,
+                    perceptual=200, evaluator=400, vqgan=300, vqkd=300, cluster=200,
+                    pixel_decoder=300, ar=250, nar=250, t2i=250),
+    "gpu": dict(teacher_vit=3000, teacher_mae=3000, teacher_clip=3000, teacher_dino=2000,
+                perceptual=2000, evaluator=2000, vqgan=5000, vqkd=4000, cluster=2000,
+                pixel_decoder=4000, ar=6000, nar=6000, t2i=6000),
+}
+BATCH = {"default": dict(vqgan=32, vqkd=32, pixel_decoder=32), "gpu": {}}
+GPU_BATCH = 128
+# Width of the convolutional trunks that make pixels: the VQGAN / FSQ encoder-decoder, the pixel
+# decoders of VQ-KD and Cluster codes (the same for both, so that the rows' decoders match), and
+# their PatchGAN discriminators. Their stage configs use 32; 16 halves their CPU time.
+DECODER_WIDTH = {"default": 16, "gpu": 32}
+
+
+# Stages whose own evaluation runs at their end (the teachers' token similarity and patch probe,
+# the evaluator's accuracy); the report measures every other stage itself.
+EVALUATED = ("teacher_vit", "teacher_mae", "teacher_clip", "teacher_dino", "evaluator")
+
+
+def scale_steps(c: ml_collections.ConfigDict, steps: int) -> None:
+  """Sets a stage's total_steps (and its eval / checkpoint / log cadence) to `steps`, scaling the
+  warm-up and the GAN start by the same ratio."""
+  ratio = steps / c.total_steps
+  c.total_steps = steps
+  c.eval_every = steps
+  c.checkpoint_every = steps
+  c.log_every = max(1, min(c.log_every, steps // 4))
+  for group in ("optimizer", "disc_optimizer"):
+    if group in c and "warmup_steps" in c[group]:
+      c[group].warmup_steps = int(round(c[group].warmup_steps * ratio))
+  if "gan" in c and c.gan is not None and "start" in c.gan:
+    c.gan.start = int(round(c.gan.start * ratio))
+
 
 def get_config(arg=None):
-  arg = parse_arg(arg, runlocal=False, image_size=32, precision="float32")
-  sub = f"runlocal={arg.runlocal},image_size={arg.image_size}"
+  arg = parse_arg(arg, runlocal=False, gpu=False, seeds=1, precision="float32")
+  size = "gpu" if arg.gpu else "default"
+  image_size = 64 if arg.gpu else 32
+  sub = f"runlocal={arg.runlocal},image_size={image_size}"
+  load = lambda file, extra="": load_config(
+      os.path.join(HERE, f"{file}:{sub}" + (f",{extra}" if extra else "")))
+  steps = STEPS[size]
+
+  def finish(c, kind):
+    c.precision = arg.precision
+    if "loss" in c and "perceptual" in c.loss:
+      c.loss.perceptual.kind = "in_the_box"  # runlocal too: the path through the shared stage
+    if arg.runlocal:  # Every stage and path once, as fast as it goes (tests).
+      scale_steps(c, 2)
+      c.batch_size = 16
+    else:
+      scale_steps(c, steps[kind])
+      c.batch_size = GPU_BATCH if arg.gpu else BATCH[size].get(kind, c.batch_size)
+    if kind in ("vqgan", "pixel_decoder"):
+      c.model.width = c.gan.width = DECODER_WIDTH[size]
+    if kind not in EVALUATED:
+      c.eval_every = 0  # The report measures these stages itself.
+    return c
+
   c = ml_collections.ConfigDict()
   c.data_dir = os.path.expanduser("~/tensorflow_datasets")
-  for name, file in (("teacher", "teacher.py"), ("evaluator", "evaluator.py"),
-                     ("tokenizer", "vqkd.py"), ("pixel_decoder", "pixel_decoder.py"),
-                     ("ar", "ar.py")):
-    c[name] = load_config(os.path.join(HERE, f"{file}:{sub}"))
-    c[name].precision = arg.precision
+  c.seeds = arg.seeds
+  # Stages trained at once (worker processes; 1 = in this process). Two on CPUs: a demo stage
+  # keeps about one core busy. One on a GPU.
+  c.workers = 1 if arg.gpu else 2
+  c.shared = ml_collections.ConfigDict()
+  for key, file in SHARED:
+    if os.path.exists(os.path.join(HERE, file)):
+      c.shared[key] = finish(load(file), key)
+
+  # Teacher widths: a pixel decoder reads Cluster codes of the CLIP-style teacher's width.
+  widths = {"teacher_clip": c.shared.teacher_clip.model.embed_dim}
+  c.rows = ml_collections.ConfigDict()
+  c.row_order = tuple(key for key, *_ in ROWS)  # ConfigDict iterates its keys sorted
+  for key, label, (file, extra), teacher, with_t2i in ROWS:
+    r = ml_collections.ConfigDict()
+    r.label = label
+    r.teacher = teacher
+    r_kind = file[:-3]  # vqgan | vqkd | cluster
+    r.tokenizer = finish(load(file, extra), r_kind)
+    if r_kind == "cluster":
+      r.tokenizer.teacher.kind = "in_the_box_clip"
+    if r_kind != "vqgan":
+      code_dim = r.tokenizer.model.code_dim if r_kind == "vqkd" else widths[teacher]
+      r.pixel_decoder = finish(load("pixel_decoder.py", f"code_dim={code_dim}"), "pixel_decoder")
+    r.ar = finish(load("ar.py"), "ar")
+    r.nar = finish(load("nar.py"), "nar")
+    if with_t2i and os.path.exists(os.path.join(HERE, "t2i.py")):  # else "n/a (stage missing)"
+      r.t2i = finish(load("t2i.py"), "t2i")
+      r.t2i.sampling.num_samples = 0  # The report samples; the stage's own grid is skipped.
+    if arg.gpu:
+      for kind in ("ar", "nar") + (("t2i",) if "t2i" in r else ()):
+        r[kind].model.width, r[kind].model.depth, r[kind].model.num_heads = 256, 6, 8
+    c.rows[key] = r
+
   c.report = ml_collections.ConfigDict(dict(
-      num_samples=64 if arg.runlocal else 1000, cfg_scale=1.75, temperature=1.0, top_k=0,
-      top_p=1.0, seed=0))
+      num_samples=48 if arg.runlocal else (5000 if arg.gpu else 1000), cfg_scale=1.75,
+      temperature=1.0, top_k=0, top_p=1.0, seed=0, probe_train=200 if arg.runlocal else 5000,
+      min_evaluator_accuracy=0.9))
   return c

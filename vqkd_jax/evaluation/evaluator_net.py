@@ -16,8 +16,9 @@ Dtype = Any
 
 
 class EvaluatorNet(nn.Module):
-  """Images in [-1, 1] [B, H, W, 3] -> {"features" [B, width * stage_mults[-1]] (global average of the
-  last stage after GN-SiLU: the FD_eval features), "logits" [B, num_classes]}.
+  """Images in [-1, 1] [B, H, W, 3] -> {"features" [B, width * stage_mults[-1]] (global pool of the
+  last stage after GN-SiLU: the FD_eval features), "logits" [B, num_classes], "stages": each stage's
+  output map [B, h_s, w_s, width * mult_s] (the in-the-box perceptual loss's features)}.
 
   conv3x3 stem, then per stage `blocks_per_stage` ResBlocks at width * mult, a stride-2 conv between
   stages (32x32 -> 8x8 with the default three stages). `train` is accepted for a uniform interface.
@@ -35,9 +36,11 @@ class EvaluatorNet(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> dict:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = conv(self.width, 3, self.stem_stride, name="stem", **kw)(images.astype(self.dtype))
+    stages = []
     for s, mult in enumerate(self.stage_mults):
       for r in range(self.blocks_per_stage):
         x = ResBlock(self.width * mult, name=f"stage{s}_res{r}", **kw)(x)
+      stages.append(x.astype(jnp.float32))
       if s < len(self.stage_mults) - 1:
         x = conv(self.width * mult, 3, 2, name=f"stage{s}_down", **kw)(x)
     x = nn.silu(group_norm(x.shape[-1], "norm_out", **kw)(x))
@@ -49,4 +52,4 @@ class EvaluatorNet(nn.Module):
     else:
       features = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], -1)
     logits = dense(self.num_classes, ("embed", "vocab"), "head", **kw)(features)
-    return {"features": features, "logits": logits.astype(jnp.float32)}
+    return {"features": features, "logits": logits.astype(jnp.float32), "stages": stages}

@@ -78,18 +78,23 @@ def to_jsonable(value):
 
 
 def write_report(rows: Sequence[dict], columns: Iterable[tuple[str, str, str]], out_dir: str,
-                 title: str, notes: Iterable[str] = ()) -> str:
-  """Writes `out_dir/report.md` (title, table, notes as a list) and `out_dir/report.json`
-  ({"title", "columns": [{"key", "header"}], "rows", "notes"}); returns the markdown."""
+                 title: str, notes: Iterable[str] = (), sections: Iterable[tuple[str, str]] = (),
+                 extra: dict | None = None, display_rows: Sequence[dict] | None = None) -> str:
+  """Writes `out_dir/report.md` (title, table, notes as a list, then each (heading, markdown)
+  section) and `out_dir/report.json` ({"title", "columns": [{"key", "header"}], "rows", "notes"}
+  plus the keys of `extra`); returns the markdown. `display_rows` (e.g. preformatted cells) are
+  printed in the markdown table instead of `rows`; the JSON keeps `rows`."""
   columns, notes = list(columns), list(notes)
   os.makedirs(out_dir, exist_ok=True)
-  md = f"# {title}\n\n{format_table(rows, columns)}\n"
+  md = f"# {title}\n\n{format_table(rows if display_rows is None else display_rows, columns)}\n"
   if notes:
     md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+  for heading, body in sections:
+    md += f"\n## {heading}\n\n{body.rstrip()}\n"
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(md)
   payload = {"title": title, "columns": [{"key": k, "header": h} for k, h, _ in columns],
-             "rows": to_jsonable(list(rows)), "notes": notes}
+             "rows": to_jsonable(list(rows)), "notes": notes, **to_jsonable(extra or {})}
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(payload, f, indent=2, ensure_ascii=False, allow_nan=False)
     f.write("\n")

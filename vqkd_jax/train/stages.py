@@ -12,9 +12,11 @@ STAGES = {
     "evaluator": "vqkd_jax.train.evaluator",        # evaluator network for FD_eval
     "vqkd": "vqkd_jax.train.vqkd",                  # VQ-KD tokenizer distilled from a teacher
     "cluster": "vqkd_jax.train.cluster",            # Cluster tokenizer: online-clustered teacher tokens
+    "vqgan": "vqkd_jax.train.vqgan",                # VQGAN / FSQ: pixel reconstruction + GAN
     "pixel_decoder": "vqkd_jax.train.pixel_decoder",  # pixels from frozen codes
     "ar": "vqkd_jax.train.ar",                      # class-conditional AR proposal network
     "nar": "vqkd_jax.train.nar",                    # class-conditional masked-token (MaskGIT) network
+    "t2i": "vqkd_jax.train.t2i",                    # text-conditioned AR (caption prefix) network
 }
 
 

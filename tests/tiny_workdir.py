@@ -1,0 +1,74 @@
+"""Tiny trained pipelines in demo-style work directories, shared by tests/test_api.py and
+tests/test_notebook.py: each is built once per pytest session (the paths live under the session's
+tmp_path_factory).
+
+  tiny_pipeline:  tokenizer/ (Cluster codes of a random one-block ViT teacher), pixel_decoder/,
+                  ar/ and nar/, from the demo configs at runlocal size, shrunk, one step each on
+                  synthetic data: the layout of a demo directory in seconds.
+  runlocal_demo:  `vqkd demo --config configs/demo/demo.py:runlocal` (minutes on 2 CPU cores),
+                  for the slow tests.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_BUILT = {}
+
+
+def _shrink(c, steps: int = 1, batch: int = 8):
+  with c.unlocked():
+    c.data.synthetic = True
+    c.batch_size = batch
+    c.total_steps = c.checkpoint_every = steps
+    c.eval_every = 0
+  return c
+
+
+def train_tiny_stage(name: str, workdir: str, tokenizer_workdir: str) -> None:
+  """Trains the demo's `name` stage ("ar", "nar", "pixel_decoder") at runlocal size, shrunk to one
+  step of batch 8 on synthetic data, on the tokenizer in `tokenizer_workdir`."""
+  from vqkd_jax.config import load_config
+  from vqkd_jax.train import loop
+
+  arg = "runlocal=True,gan=False" if name == "pixel_decoder" else "runlocal=True"
+  c = _shrink(load_config(f"configs/demo/{name}.py:{arg}"))
+  with c.unlocked():
+    c.tokenizer_workdir = str(tokenizer_workdir)
+    if name in ("ar", "nar"):
+      c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
+  loop.train(c, str(workdir))
+
+
+def tiny_pipeline(tmp_path_factory):
+  """A demo-style directory (tokenizer/, pixel_decoder/, ar/, nar/) of one-step stages: 32x32
+  images, an 8x8 grid of 32 codes, 12 classes."""
+  if "tiny" not in _BUILT:
+    from vqkd_jax.config import load_config
+    from vqkd_jax.train import loop
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    tok = _shrink(load_config("configs/demo/cluster.py:runlocal=True"))
+    with tok.unlocked():
+      tok.teacher = ml_collections.ConfigDict(dict(
+          kind="random_vit", patch_size=4, width=32, depth=1, num_heads=2, image_size=32,
+          out_dim=0))
+      tok.model.num_codes = 32
+    loop.train(tok, str(root / "tokenizer"))
+    for name in ("pixel_decoder", "ar", "nar"):
+      train_tiny_stage(name, root / name, root / "tokenizer")
+    _BUILT["tiny"] = root
+  return _BUILT["tiny"]
+
+
+def runlocal_demo(tmp_path_factory):
+  """The runlocal demo's work directory (its layout is configs/demo/demo.py's)."""
+  if "demo" not in _BUILT:
+    from vqkd_jax import cli
+
+    root = tmp_path_factory.mktemp("runlocal_demo")
+    rc = cli.main(["demo", "--workdir", str(root / "run"), "--config",
+                   "configs/demo/demo.py:runlocal", f"--config.data_dir={root / 'data'}"])
+    assert rc == 0
+    _BUILT["demo"] = root / "run"
+  return _BUILT["demo"]
