@@ -13,11 +13,15 @@ from vqkd_jax.proposal import ar as ar_lib
 from vqkd_jax.proposal import sampling
 
 NUM_CLASSES, CODEBOOK, NUM_TOKENS = 5, 24, 9
+GRID = (3, 3)
 VOCAB = NUM_CLASSES + 1 + CODEBOOK
 FLAVOURS = ("gpt2", "llama")
+VARIANTS = FLAVOURS + ("llama_rope2d",)   # model variants of the shared fixture
 
 
 def _model(flavour, **kw):
+  if flavour == "llama_rope2d":
+    flavour, kw = "llama", dict(kw, rope="2d", grid=GRID)
   return ar_lib.ARTransformer(vocab_size=VOCAB, seq_len=1 + NUM_TOKENS, width=32, depth=2,
                               num_heads=2, flavour=flavour, **kw)
 
@@ -35,7 +39,7 @@ def _random_params(model, seed=0, scale=0.3):
   return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(shapes["params"]))
 
 
-@pytest.fixture(scope="module", params=FLAVOURS)
+@pytest.fixture(scope="module", params=VARIANTS)
 def model_and_params(request):
   model = _model(request.param)
   return model, _random_params(model)
@@ -144,6 +148,100 @@ def test_llama_depends_on_relative_positions_only():
   base = fwd(seq, jnp.arange(seq.shape[1]))
   np.testing.assert_allclose(fwd(seq, jnp.arange(seq.shape[1]) + 5), base, atol=1e-4)
   assert np.abs(fwd(seq, 2 * jnp.arange(seq.shape[1])) - base).max() > 1e-2
+
+
+def _np_rotate_half_split(x, pos, theta=10000.0):
+  """1-D RoPE of x [..., D] at pos (broadcast over x's leading axes) as a complex rotation of the
+  pairs (x_i, x_{i+D/2}) by pos theta^(-2i/D)."""
+  d = x.shape[-1]
+  z = (x[..., :d // 2] + 1j * x[..., d // 2:]) * np.exp(
+      1j * np.asarray(pos, np.float64)[..., None] * theta ** (-np.arange(d // 2) * 2.0 / d))
+  return np.concatenate([z.real, z.imag], -1)
+
+
+def test_rotary_2d_closed_form():
+  """First half of the head dim rotated by the row, second by the column, each half-split RoPE of
+  dimension D/2 (LlamaGen's frequencies theta^(-2i/(D/2)), i < D/4); sequence positions map to the
+  grid after the leading tokens, which sit at (0, 0)."""
+  rows, cols = ar_lib.grid_positions(jnp.array([0, 1, 2, 4, 5, 12]), (3, 4), num_prefix=1)
+  np.testing.assert_array_equal(rows, [0, 0, 0, 0, 1, 2])
+  np.testing.assert_array_equal(cols, [0, 0, 1, 3, 0, 3])
+  rows, cols = ar_lib.grid_positions(jnp.arange(6), (2, 2), num_prefix=3)
+  np.testing.assert_array_equal(np.stack([rows, cols], 1), [[0, 0]] * 4 + [[0, 1], [1, 0]])
+
+  x = np.random.default_rng(0).normal(size=(2, 4, 3, 8)).astype(np.float32)
+  r, c = np.array([0, 1, 5, 15]), np.array([0, 3, 2, 15])
+  want = np.concatenate([_np_rotate_half_split(x[..., :4], r[:, None]),
+                         _np_rotate_half_split(x[..., 4:], c[:, None])], -1)
+  got = ar_lib.rotary_2d(jnp.asarray(x), jnp.asarray(r), jnp.asarray(c))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Written out for one pair: dims (0, 2) turn by the row at frequency 1, (1, 3) by the row at
+  # 1e4^(-1/2), (4, 6) and (5, 7) likewise by the column.
+  e = np.eye(8, dtype=np.float32)[None, None, None]                     # [1, 1, 1, 8, 8] basis
+  out = np.asarray(ar_lib.rotary_2d(jnp.asarray(e[0, 0, 0])[None, None], jnp.array([2]),
+                                    jnp.array([3])))[0, 0]              # rows: rotated e_i
+  np.testing.assert_allclose(out[0, [0, 2]], [np.cos(2), np.sin(2)], atol=1e-6)
+  np.testing.assert_allclose(out[1, [1, 3]], [np.cos(2e-2), np.sin(2e-2)], atol=1e-6)
+  np.testing.assert_allclose(out[4, [4, 6]], [np.cos(3), np.sin(3)], atol=1e-6)
+  np.testing.assert_allclose(out[5, [5, 7]], [np.cos(3e-2), np.sin(3e-2)], atol=1e-6)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    ar_lib.rotary_2d(jnp.zeros((1, 1, 1, 6)), jnp.zeros(1), jnp.zeros(1))
+
+
+def test_rotary_2d_scores_depend_on_grid_offsets_only():
+  rng = np.random.default_rng(1)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
+
+  def score(qpos, kpos):
+    rq = ar_lib.rotary_2d(q, jnp.array([qpos[0]]), jnp.array([qpos[1]]))
+    rk = ar_lib.rotary_2d(k, jnp.array([kpos[0]]), jnp.array([kpos[1]]))
+    return float(jnp.sum(rq * rk))
+
+  for offset in [(0, 0), (1, 2), (-3, 1), (5, -4)]:
+    got = [score((r + offset[0], c + offset[1]), (r, c)) for r, c in [(0, 0), (4, 1), (7, 9)]]
+    np.testing.assert_allclose(got, got[0], rtol=1e-5, atol=1e-5)
+  # Rows and columns are told apart, and so are different offsets.
+  base = score((1, 2), (0, 0))
+  assert abs(score((2, 1), (0, 0)) - base) > 1e-3 and abs(score((1, 3), (0, 0)) - base) > 1e-3
+
+
+def test_rope_2d_model_options():
+  seq = jnp.asarray(_tokens(np.random.default_rng(5), 2))
+  one_d = _model("llama")
+  params = _random_params(one_d)
+  two_d = _model("llama_rope2d")
+  a = np.asarray(one_d.apply({"params": params}, seq))
+  b = np.asarray(two_d.apply({"params": params}, seq))      # same parameters, other positions
+  assert np.abs(a - b).max() > 1e-3
+  np.testing.assert_allclose(a[:, 0], b[:, 0], atol=1e-5)    # position 0 is unrotated in both
+  for bad, match in [(dict(rope="2d"), "grid"), (dict(rope="3d"), "unknown rope"),
+                     (dict(rope="2d", grid=(4, 4)), "does not fit")]:
+    with pytest.raises(ValueError, match=match):
+      _model("llama", **bad).apply({"params": params}, seq)
+  with pytest.raises(ValueError, match="learned positions"):
+    _model("gpt2", rope="2d", grid=GRID).init(jax.random.PRNGKey(0), seq)
+
+
+def test_rope_2d_prefix_sampling_cached_equals_full_recompute():
+  """The T2I path: P prefix embeddings at (0, 0), then the image grid; the prefix fed into the
+  cache at once, one token per step after it."""
+  p = 3
+  model = ar_lib.ARTransformer(vocab_size=CODEBOOK, seq_len=p + NUM_TOKENS, width=32, depth=2,
+                               num_heads=2, flavour="llama", rope="2d", grid=GRID)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32),
+                        nn.meta.unbox(shapes["params"]))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else x, params)
+  prefix = jnp.asarray(rng.normal(size=(3, p, 32)), jnp.float32)
+  kw = dict(num_image_tokens=NUM_TOKENS, codebook_size=CODEBOOK, rng=jax.random.PRNGKey(0),
+            uncond_prefix=jnp.asarray(rng.normal(size=(p, 32)), jnp.float32), cfg_scale=1.75,
+            temperature=1.3, top_k=12, top_p=0.8)
+  cached = np.asarray(sampling.sample_from_prefix(model, params, prefix, **kw))
+  full = np.asarray(sampling.sample_from_prefix_full_recompute(model, params, prefix, **kw))
+  np.testing.assert_array_equal(cached, full)
+  assert len(np.unique(cached)) > 5
 
 
 def test_remat_gives_the_same_gradients():
@@ -403,3 +501,219 @@ def test_against_transformers(flavour):
     want = ref(torch.from_numpy(seq.astype(np.int64))).logits.numpy()
   got = np.asarray(model.apply({"params": params}, jnp.asarray(seq)))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ GPT-2 checkpoints
+
+def _gpt2_arrays(vocab, positions, width, depth, heads, prefix="transformer.", seed=0):
+  """A GPT-2 state dict of random arrays in the Hugging Face layout (Conv1D weights [in, out]);
+  without the prefix, with the causal-mask buffers (as the hub's gpt2-medium file)."""
+  rng = np.random.default_rng(seed)
+  r = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)
+  d = width
+  w = {prefix + "wte.weight": r(vocab, d), prefix + "wpe.weight": r(positions, d),
+       prefix + "ln_f.weight": 1 + r(d), prefix + "ln_f.bias": r(d)}
+  for i in range(depth):
+    k = f"{prefix}h.{i}."
+    w.update({k + "ln_1.weight": 1 + r(d), k + "ln_1.bias": r(d), k + "ln_2.weight": 1 + r(d),
+              k + "ln_2.bias": r(d), k + "attn.c_attn.weight": r(d, 3 * d),
+              k + "attn.c_attn.bias": r(3 * d), k + "attn.c_proj.weight": r(d, d),
+              k + "attn.c_proj.bias": r(d), k + "mlp.c_fc.weight": r(d, 4 * d),
+              k + "mlp.c_fc.bias": r(4 * d), k + "mlp.c_proj.weight": r(4 * d, d),
+              k + "mlp.c_proj.bias": r(d)})
+    if not prefix:
+      w[k + "attn.bias"] = np.tril(np.ones((1, 1, positions, positions), np.float32))
+  return w
+
+
+def _write_gpt2_folder(path, weights, **config):
+  import json
+
+  from safetensors.numpy import save_file
+  path.mkdir(parents=True, exist_ok=True)
+  cfg = dict(model_type="gpt2", activation_function="gelu_new", layer_norm_epsilon=1e-5,
+             n_inner=None, scale_attn_weights=True, **config)
+  (path / "config.json").write_text(json.dumps(cfg))
+  save_file(weights, str(path / "model.safetensors"))
+  return str(path)
+
+
+def _gpt2_folder(path, vocab, positions=16, width=32, depth=2, heads=2, prefix="transformer.",
+                 edit=None):
+  weights = _gpt2_arrays(vocab, positions, width, depth, heads, prefix)
+  if edit:
+    edit(weights)
+  return _write_gpt2_folder(path, weights, vocab_size=vocab, n_positions=positions, n_embd=width,
+                            n_layer=depth, n_head=heads), weights
+
+
+def _loaded(folder, model, init=None):
+  """(params loaded from folder, the initial params they replace)."""
+  from vqkd_jax.proposal.gpt2_checkpoint import gpt2_initializer
+  if init is None:
+    init = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 2), jnp.int32))["params"])
+    init = jax.tree.map(np.asarray, init)
+  return gpt2_initializer(folder, model)(init), init
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_checkpoint_resized_to_the_vocabulary(tmp_path, tie):
+  """First V rows of wte (and of the head, untied), the model's own initial rows past the
+  checkpoint's vocabulary, first seq_len positions; the mask buffers of a prefix-less file (the
+  hub's layout) are ignored."""
+  model = _model("gpt2", tie_embeddings=tie)                          # V = 30, seq_len 10
+  init = None
+  for vocab, prefix in [(40, "transformer."), (20, ""), (20, "transformer.")]:
+    folder, w = _gpt2_folder(tmp_path / f"{vocab}{prefix}", vocab, prefix=prefix)
+    params, init = _loaded(folder, model, init)
+    wte, emb = w[prefix + "wte.weight"], params["token_embed"]["embedding"]
+    n = min(vocab, VOCAB)
+    np.testing.assert_array_equal(emb[:n], wte[:n])
+    np.testing.assert_array_equal(emb[n:], init["token_embed"]["embedding"][n:])
+    np.testing.assert_array_equal(params["pos_embed"], w[prefix + "wpe.weight"][:1 + NUM_TOKENS])
+    q = params["block1"]["attn"]["query"]["kernel"]
+    np.testing.assert_array_equal(q.reshape(32, 32), w[prefix + "h.1.attn.c_attn.weight"][:, :32])
+    np.testing.assert_array_equal(params["block1"]["attn"]["value"]["bias"].reshape(-1),
+                                  w[prefix + "h.1.attn.c_attn.bias"][64:])
+    np.testing.assert_array_equal(params["block0"]["fc2"]["kernel"],
+                                  w[prefix + "h.0.mlp.c_proj.weight"])
+    if not tie:
+      head = params["head"]["kernel"]
+      np.testing.assert_array_equal(head[:, :n], wte[:n].T)
+      np.testing.assert_array_equal(head[:, n:], init["head"]["kernel"][:, n:])
+    assert jax.tree.structure(params) == jax.tree.structure(init)
+
+
+def test_gpt2_checkpoint_errors_name_what_does_not_fit(tmp_path):
+  from vqkd_jax.proposal.gpt2_checkpoint import gpt2_initializer
+  from vqkd_jax.teachers.hf_checkpoint import CheckpointMismatchError
+  model = _model("gpt2", tie_embeddings=True)
+
+  def edit(w):
+    del w["transformer.h.1.mlp.c_fc.bias"]
+    w["transformer.h.0.ln_1.weight"] = np.ones(31, np.float32)
+    w["transformer.h.0.attn.extra"] = np.ones(3, np.float32)
+
+  folder, _ = _gpt2_folder(tmp_path / "bad", VOCAB, edit=edit)
+  with pytest.raises(CheckpointMismatchError) as e:
+    _loaded(folder, model)
+  msg = str(e.value)
+  assert "1 missing" in msg and "transformer.h.1.mlp.c_fc.bias" in msg
+  assert "1 unexpected" in msg and "transformer.h.0.attn.extra" in msg
+  assert "1 wrong shape" in msg and "transformer.h.0.ln_1.weight: shape (31,)" in msg
+  # The architecture is checked against config.json first, every difference named.
+  folder, _ = _gpt2_folder(tmp_path / "deep", VOCAB, depth=3, heads=4)
+  with pytest.raises(ValueError, match=r"n_layer \(depth\): checkpoint 3, model 2") as e:
+    gpt2_initializer(folder, model)
+  assert "n_head (num_heads): checkpoint 4, model 2" in str(e.value)
+  folder, _ = _gpt2_folder(tmp_path / "short", VOCAB, positions=8)
+  with pytest.raises(ValueError, match="n_positions: checkpoint 8 < the model's seq_len 10"):
+    gpt2_initializer(folder, model)
+  with pytest.raises(ValueError, match="gpt2 flavour"):
+    gpt2_initializer(folder, _model("llama"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    gpt2_initializer(str(tmp_path / "nowhere"), model)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_checkpoint_logits_equal_transformers(tmp_path, tie):
+  """A tiny random GPT2LMHeadModel saved with save_pretrained (safetensors), loaded without torch:
+  our logits equal transformers' for the same ids (our vocabulary = the checkpoint's), relative
+  error <= 1e-4 in float32, over every position and the image-token slice alike."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+  ref = transformers.GPT2LMHeadModel(cfg)
+  with torch.no_grad():
+    for p in ref.parameters():        # every weight off its initial value (biases, LayerNorms)
+      p.add_(0.1 * torch.randn_like(p))
+  ref.eval().save_pretrained(tmp_path / "gpt2")
+  model = _model("gpt2", tie_embeddings=tie)
+  params, _ = _loaded(str(tmp_path / "gpt2"), model)
+  seq = _tokens(np.random.default_rng(0), 3)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(seq.astype(np.int64))).logits.numpy()
+  got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(seq)))
+  rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+  lo = ar_lib.image_token_offset(NUM_CLASSES)
+  assert rel(got, want) <= 1e-4
+  assert rel(got[:, :-1, lo:], want[:, :-1, lo:]) <= 1e-4
+  # Dropout as HF's in train mode is still there (embeddings, residuals, attention).
+  train = model.clone(dropout=0.1).apply({"params": params}, jnp.asarray(seq), train=True,
+                                         rngs={"dropout": jax.random.PRNGKey(0)})
+  assert rel(np.asarray(train), want) > 1e-3
+
+
+# ------------------------------------------------------------------------------ ImageNet config
+
+def test_imagenet_ar_config_sizes_and_recipe():
+  from vqkd_jax.config import load_config
+  from vqkd_jax.train import ar as ar_stage
+
+  counts = {}
+  for variant in ("gpt2", "llama"):
+    c = load_config(f"configs/imagenet/ar.py:variant={variant}")
+    assert (c.batch_size, c.total_steps, c.precision) == (96, 260_000, "bfloat16")
+    assert (c.data.image_size, c.data.augmentation, c.class_dropout) == (256, "weak", 0.1)
+    o = c.optimizer
+    assert (o.name, o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.schedule, o.end_lr, o.decay) == (
+        "adamw", 1e-4, 0.9, 0.98, 1e-6, 0.2, "cosine", 0.0, "all")
+    s = c.sampling
+    assert (s.cfg_scale, s.temperature, s.top_k, s.top_p) == (1.75, 1.0, 600, 0.92)
+    model = ar_stage.build_model(c.model, num_classes=1000, codebook_size=8192,
+                                 num_image_tokens=256, precision=c.precision)
+    assert (model.vocab_size, model.seq_len, model.width, model.depth, model.num_heads) == (
+        9193, 257, 1024, 24, 16)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    counts[variant] = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
+  d, v, layers = 1024, 9193, 24
+  # GPT-2 medium: tied head, 257 learned positions, biases and LayerNorms.
+  assert counts["gpt2"] == v * d + 257 * d + layers * (12 * d * d + 13 * d) + 2 * d
+  # Llama medium (HF LlamaConfig(24, 16, 1024, 2816)): untied head, no biases, RMSNorm.
+  assert counts["llama"] == 2 * v * d + layers * (4 * d * d + 3 * d * 2816 + 2 * d) + d
+  c = load_config("configs/imagenet/ar.py:variant=llama")
+  assert (c.model.mlp_dim, c.model.rope_theta, c.model.dropout, c.model.tie_embeddings) == (
+      2816, 1e4, 0.0, False)
+  assert load_config("configs/imagenet/ar.py:variant=llama,rope=2d").model.rope == "2d"
+  assert load_config("configs/imagenet/ar.py").model.tie_embeddings   # gpt2 by default
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama,rope=2d"])
+def test_imagenet_ar_bench_train_and_sample_runlocal(variant, capsys):
+  """`vqkd bench train` on random codes (no tokenizer) and `vqkd bench sample` with random
+  weights, at the runlocal size."""
+  from vqkd_jax import cli
+  spec = f"configs/imagenet/ar.py:variant={variant},runlocal"
+  assert cli.main(["bench", "train", "--config", spec, "--steps", "1"]) == 0
+  assert cli.main(["bench", "sample", "--config", spec, "--steps", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "| ar " in out and "| ar sampling " in out
+
+
+def test_ar_stage_starts_from_the_gpt2_checkpoint(tmp_path):
+  """config.init_from: the training state's initial parameters are the checkpoint's (first 9193
+  of 10000 embedding rows, first 17 positions); other flavours refuse it; no tokenizer and no
+  synthetic bench group: an error that says what to set."""
+  from vqkd_jax.config import ConfigError, load_config
+  from vqkd_jax.train.loop import setup
+
+  c = load_config("configs/imagenet/ar.py:variant=gpt2,runlocal")
+  folder, w = _gpt2_folder(tmp_path / "gpt2", 10_000, positions=32, width=64, depth=2, heads=4)
+  with c.unlocked():
+    c.init_from = folder
+  params = setup(c).state.params
+  np.testing.assert_array_equal(params["token_embed"]["embedding"],
+                                w["transformer.wte.weight"][:9193])
+  np.testing.assert_array_equal(params["pos_embed"], w["transformer.wpe.weight"][:17])
+  np.testing.assert_array_equal(params["block1"]["fc1"]["bias"], w["transformer.h.1.mlp.c_fc.bias"])
+  c = load_config("configs/imagenet/ar.py:variant=llama,runlocal")
+  with c.unlocked():
+    c.init_from = folder
+  with pytest.raises(ConfigError, match="GPT-2"):
+    setup(c)
+  c = load_config("configs/imagenet/ar.py:variant=gpt2")
+  with pytest.raises(ConfigError, match="tokenizer_workdir"):
+    setup(c)

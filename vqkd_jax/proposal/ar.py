@@ -5,7 +5,8 @@ Two flavours:
            residual projections initialised with std 0.02 / sqrt(2 * depth); untied head by default
            (`tie_embeddings=True` reuses the token embedding, as upstream's GPT-2).
   "llama": RMSNorm, SwiGLU MLP, rotary positions (half-split layout, as Hugging Face Llama), no
-           biases, untied head initialised to zero.
+           biases, untied head initialised to zero. `rope="1d"` rotates by the sequence position;
+           `rope="2d"` (LlamaGen's 2-D RoPE) by each image token's (row, col) on the `grid`.
 
 Decoding uses an explicit KV cache: `init_cache(batch)` gives per layer (k, v) of
 [B, S, heads, head_dim]; `apply(variables, tokens [B, T], positions=[T], cache=cache)` writes this
@@ -19,6 +20,17 @@ Prefix conditioning (text-to-image, proposal/t2i.py): `prefix` embeddings [B, P,
 ahead of the token embeddings (positions 0 .. P-1, the tokens at P ..); attention stays causal over
 the whole sequence, so every token sees the whole prefix. The prefix can be fed once into the cache
 (`tokens` [B, 0]) and decoding continues from position P.
+
+2-D rotary positions (`rope="2d"`, llama only; `rotary_2d`): the head dimension is split in two
+halves, the first rotated by the token's grid row, the second by its column, each half as 1-D RoPE
+of dimension D/2 (frequencies theta^(-2i/(D/2)), i < D/4: LlamaGen's `precompute_freqs_cis_2d`;
+within a half the pairs are (x_i, x_{i+D/4}) as Hugging Face's half-split layout rather than
+LlamaGen's interleaved pairs, a fixed permutation of the projection's columns). With
+`grid` = (h, w) and P = seq_len - h w leading non-image tokens (the class token, or a T2I prefix),
+sequence position p >= P holds image token p - P at (row, col) = divmod(p - P, w); the P leading
+positions are at (0, 0), i.e. not rotated. (LlamaGen instead gives its class / caption positions
+cos = sin = 0, which zeroes their queries and keys; not copied.) Positions stay sequence positions
+everywhere (the causal mask, the KV cache, the sampling loops); the model maps them to the grid.
 """
 
 from __future__ import annotations
@@ -132,16 +144,43 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Ar
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+def grid_positions(positions: jax.Array, grid: tuple[int, int], num_prefix: int
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Sequence positions [T] -> (rows [T], cols [T]) on the image grid (h, w): position p >= P =
+  num_prefix holds image token p - P in raster order at divmod(p - P, w); the P leading positions
+  (class token, prefix) are at (0, 0)."""
+  image = jnp.maximum(positions.astype(jnp.int32) - num_prefix, 0)
+  return image // grid[1], image % grid[1]
+
+
+def rotary_2d(x: jax.Array, rows: jax.Array, cols: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """2-D rotary embedding of x [B, T, H, D] (D divisible by 4): the first half of the head
+  dimension rotated by rows [T], the second by cols [T], each as `rotary` of dimension D/2."""
+  if x.shape[-1] % 4:
+    raise ValueError(f"2-D rotary positions need a head dimension divisible by 4, got "
+                     f"{x.shape[-1]}")
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([rotary(x1, rows, theta), rotary(x2, cols, theta)], -1)
+
+
+ROPES = ("1d", "2d")
+
+
 class CausalSelfAttention(nn.Module):
   """Causal self-attention [B, T, D] -> [B, T, D] at `positions` [T].
 
   With `cache` (k, v of [B, S, H, hd]) this call's keys and values are written at positions
   (contiguous from positions[0]) and each query attends to the cached positions <= its own; returns
-  (output, new cache). Scores and softmax in float32."""
+  (output, new cache). Scores and softmax in float32.
+
+  rope: None (no rotary positions), "1d" (by the sequence position) or "2d" (by the grid row and
+  column of `grid_positions(positions, grid, num_prefix)`)."""
   num_heads: int
   use_bias: bool
-  use_rope: bool
+  rope: str | None
   rope_theta: float = 10000.0
+  grid: tuple[int, int] | None = None
+  num_prefix: int = 0
   out_init_std: float = 0.02
   dropout: float = 0.0
   implementation: str = "auto"
@@ -156,8 +195,11 @@ class CausalSelfAttention(nn.Module):
         kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-    if self.use_rope:
+    if self.rope == "1d":
       q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+    elif self.rope == "2d":
+      rows, cols = grid_positions(positions, self.grid, self.num_prefix)
+      q, k = (rotary_2d(a, rows, cols, self.rope_theta) for a in (q, k))
     if cache is None and self._use_cudnn(q, train):
       # Fused flash attention (cuDNN; float32 softmax inside). Positions increase, so the mask
       # kpos <= qpos below is the plain causal mask. cuDNN's backward needs an even length: pad
@@ -210,6 +252,9 @@ class DecoderBlock(nn.Module):
   dropout: float = 0.0
   attention: str = "auto"
   dtype: Dtype = jnp.float32
+  rope: str = "1d"
+  grid: tuple[int, int] | None = None
+  num_prefix: int = 0
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False):
@@ -218,9 +263,9 @@ class DecoderBlock(nn.Module):
     std = 0.02 if llama else 0.02 / (2 * self.depth) ** 0.5  # GPT-2 scales residual projections.
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
     h, cache = CausalSelfAttention(
-        self.num_heads, use_bias=bias, use_rope=llama, rope_theta=self.rope_theta,
-        out_init_std=std, dropout=self.dropout, implementation=self.attention, dtype=self.dtype,
-        name="attn")(
+        self.num_heads, use_bias=bias, rope=self.rope if llama else None,
+        rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
+        dropout=self.dropout, implementation=self.attention, dtype=self.dtype, name="attn")(
             _norm(self.flavour, "norm1", self.dtype, self.norm_eps)(x), positions, cache, train)
     x = x + drop(h)
     h = _norm(self.flavour, "norm2", self.dtype, self.norm_eps)(x)
@@ -251,6 +296,10 @@ class ARTransformer(nn.Module):
     tie_embeddings: output head = token embedding transposed (GPT-2 only matters; default untied).
     mlp_dim: explicit MLP hidden size, overriding mlp_ratio.
     mlp_multiple_of, rope_theta, norm_eps: Llama details (256, 1e4, 1e-5 as HF defaults).
+    rope: Llama's rotary positions, "1d" (sequence position, as HF Llama) or "2d" (LlamaGen's 2-D
+      RoPE over `grid`; see the module docstring). GPT-2 has learned positions and takes "1d" only.
+    grid: (h, w) of the image tokens, needed by rope="2d": the last h w positions of seq_len are
+      the image tokens, the seq_len - h w before them (class token, prefix) sit at (0, 0).
     attention: "xla" (einsums, float32 scores and softmax), "cudnn" (fused flash attention) or
       "auto" (cudnn on GPU in bfloat16/float16 for full sequences without attention dropout, else
       xla). Decoding with a cache always uses the einsum path.
@@ -277,6 +326,8 @@ class ARTransformer(nn.Module):
   norm_eps: float = 1e-5
   attention: str = "auto"
   remat: bool = False
+  rope: str = "1d"
+  grid: tuple[int, int] | None = None
 
   def mlp_hidden(self) -> int:
     if self.mlp_dim:
@@ -294,6 +345,7 @@ class ARTransformer(nn.Module):
       raise ValueError(f"unknown flavour {self.flavour!r}: one of {FLAVOURS}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    num_prefix = self._check_rope()
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embed",
                      embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))
     x = embed(tokens)
@@ -312,7 +364,8 @@ class ARTransformer(nn.Module):
     new_cache = []
     for i in range(self.depth):
       x, c = block(self.num_heads, self.mlp_hidden(), self.flavour, self.depth, self.rope_theta,
-                   self.norm_eps, self.dropout, self.attention, self.dtype,
+                   self.norm_eps, self.dropout, self.attention, self.dtype, rope=self.rope,
+                   grid=self.grid, num_prefix=num_prefix,
                    name=f"block{i}")(x, positions, None if cache is None else cache[i], train)
       new_cache.append(c)
     x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps)(x)
@@ -326,6 +379,22 @@ class ARTransformer(nn.Module):
                          dtype=self.dtype, preferred_element_type=jnp.float32, name="head",
                          kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x)
     return logits if cache is None else (logits, new_cache)
+
+  def _check_rope(self) -> int:
+    """Validates rope / grid; returns the number of leading non-image positions (rope "2d")."""
+    if self.rope not in ROPES:
+      raise ValueError(f"unknown rope {self.rope!r}: one of {ROPES}")
+    if self.rope == "1d":
+      return 0
+    if self.flavour != "llama":
+      raise ValueError(f"rope='2d' is a Llama option; the {self.flavour} flavour has learned "
+                       f"positions")
+    if self.grid is None:
+      raise ValueError("rope='2d' needs the image token grid (h, w)")
+    h, w = self.grid
+    if h * w > self.seq_len:
+      raise ValueError(f"a {h}x{w} grid does not fit seq_len {self.seq_len}")
+    return self.seq_len - h * w
 
   def init_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list:
     """An empty KV cache: per layer (k, v) zeros of [batch_size, length (seq_len), heads, head_dim]

@@ -37,9 +37,13 @@ class Objective:
     after_update: optional `(params, model_state) -> (params, model_state)` applied inside the
       update step after the optimizer: non-gradient edits of parameters that the loss computed into
       model_state (CVQ-VAE's dead-code replacement of a gradient-trained codebook).
+    init_params: optional `(params) -> params` on the host: the freshly initialised parameters
+      (unboxed NumPy arrays) to the ones training starts from (pretrained weights, e.g. the AR
+      stage's config.init_from); same tree and shapes. Applied once, never when resuming.
   """
   init: Callable[[jax.Array, dict], dict]
   loss: LossFn
   frozen: Any = None
   evaluate: Callable[[EvalContext], dict] | None = None
   after_update: Callable[[Any, dict], tuple[Any, dict]] | None = None
+  init_params: Callable[[Any], Any] | None = None
