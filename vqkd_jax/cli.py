@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("--batch", type=int, default=256, help="fid: batch size")
   b.add_argument("--mode", default="exact", choices=["exact", "fast", "tf32"],
                  help="fid: float32 exact, bfloat16, or TF32 matmuls")
+  b.add_argument("--drift_images", type=int, default=5000,
+                 help="fid, modes other than exact: images per set of the FID drift against exact "
+                 "(0: skip)")
   b.add_argument("--steps", type=int, default=20)
   b.add_argument("--peak_tflops", type=float, default=780.0,
                  help="measured bf16 peak per device for MFU (H100: ~780)")
@@ -196,7 +199,8 @@ def _run(args, overrides: list[str]) -> int:
     from vqkd_jax import bench
     if args.what == "fid":
       print(bench._table([bench.bench_fid(batch=args.batch, mode=args.mode, steps=args.steps,
-                                          peak_tflops=args.peak_tflops)]))
+                                          peak_tflops=args.peak_tflops,
+                                          drift_images=args.drift_images)]))
       return 0
     if args.config is None:
       raise ConfigError(f"vqkd bench {args.what} needs --config")
