@@ -18,12 +18,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/vqkd demo --workdir $(DEMO_WORKDIR)
 
-# The test suite (slow tests excluded; `make test-slow` runs them).
+# The test suite (slow tests excluded; `make test-slow` runs them), on TEST_WORKERS processes, one
+# test file per worker at a time (module fixtures such as the demo run stay in one process).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 test-slow: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
 clean:
 	rm -rf $(VENV) runs
