@@ -1,0 +1,81 @@
+"""The AR proposal network under every sharding strategy on 8 simulated CPU devices: training
+computes the same function as on one device (losses and parameters), and sampled tokens depend on
+the seed, not on the number of devices or on how the batch is split over them."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, devices: int = 8, timeout: int = 600) -> None:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_ar_strategies_match_one_device_and_samples_ignore_the_device_count(tmp_path):
+  out = tmp_path / "results.npz"
+  _run(f"""
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from vqkd_jax.config import load_config
+      from vqkd_jax.proposal.sampling import sample
+      from vqkd_jax.train import ar as ar_stage
+      from vqkd_jax.train import loop
+
+      results = {{}}
+      runs = [("single", "dp", 1, {{}}), ("dp", "dp", 8, {{}}), ("fsdp", "fsdp", 8, {{}}),
+              ("tp", "tp", 8, {{}}), ("fsdp_tp", "fsdp_tp", 8, {{"fsdp": 4, "tensor": 2}})]
+      for name, strategy, n, mesh in runs:
+        c = load_config("configs/imagenet/ar.py:runlocal,variant=llama")
+        with c.unlocked():
+          c.total_steps, c.batch_size, c.checkpoint_every = 3, 16, 100
+          c.parallel.strategy, c.parallel.num_devices = strategy, n
+          for k, v in mesh.items():
+            c.parallel.mesh[k] = v
+        r = loop.train(c, "{tmp_path}/" + name)
+        results[name + "/loss"] = np.array([h["loss"] for h in r.history])
+        for path, leaf in jax.tree_util.tree_leaves_with_path(r.state.params):
+          results[name + "/" + jax.tree_util.keystr(path)] = np.asarray(jax.device_get(leaf))
+        if name == "single":
+          params = jax.device_get(r.state.params)
+
+      # Sampling: the same labels and seed on one device, and with the batch split over 8.
+      g = c.bench.grid
+      model = ar_stage.build_model(c.model, num_classes=c.data.num_classes,
+                                   codebook_size=c.bench.codebook_size, num_image_tokens=g * g,
+                                   precision="float32")
+      labels = np.arange(16) % 7
+      kw = dict(num_image_tokens=g * g, num_classes=c.data.num_classes,
+                codebook_size=c.bench.codebook_size, rng=jax.random.PRNGKey(5), cfg_scale=1.75,
+                temperature=1.0, top_k=20, top_p=0.9)
+      one = jax.devices()[:1]
+      results["tokens/1"] = np.asarray(sample(model, jax.device_put(params, one[0]),
+                                              jax.device_put(labels, one[0]), **kw))
+      mesh8 = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+      results["tokens/8"] = np.asarray(sample(
+          model, jax.device_put(params, NamedSharding(mesh8, P())),
+          jax.device_put(labels, NamedSharding(mesh8, P("data"))), **kw))
+      # Half the labels as their own batch (example_offset keeps each sample's stream).
+      results["tokens/half"] = np.asarray(sample(model, params, labels[8:], example_offset=8,
+                                                 **kw))
+      np.savez("{out}", **results)
+  """)
+  res = dict(np.load(out))
+  single = {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith("single/")}
+  assert len(single["loss"]) == 3 and np.all(np.isfinite(single["loss"]))
+  assert len(single) > 10   # every parameter is compared, not only the loss
+  for strategy in ("dp", "fsdp", "tp", "fsdp_tp"):
+    for key, ref in single.items():
+      np.testing.assert_allclose(res[f"{strategy}/{key}"], ref, rtol=2e-4, atol=2e-5,
+                                 err_msg=f"{strategy} {key}")
+  np.testing.assert_array_equal(res["tokens/8"], res["tokens/1"])
+  np.testing.assert_array_equal(res["tokens/half"], res["tokens/1"][8:])
+  assert len(np.unique(res["tokens/1"])) > 5   # not a degenerate constant sample
