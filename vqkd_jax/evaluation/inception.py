@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqkd_jax.io.param_tree import flatten, shape_mismatches, unflatten
+
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 FEATURE_DIM = 2048
@@ -318,7 +320,7 @@ def random_inception_params(seed: int = 0) -> dict:
       flat[name] = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(FEATURE_DIM))
     else:
       flat[name] = rng.standard_normal(shape, np.float32) * np.float32(0.1)
-  return _unflatten(flat)
+  return unflatten(flat)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -329,7 +331,7 @@ def _param_shapes() -> dict[str, tuple[int, ...]]:
   """{"Mixed_5b/branch1x1/conv/kernel": shape, ...} of FIDInceptionV3, from the model itself."""
   tree = jax.eval_shape(lambda: nn.unbox(FIDInceptionV3().init(
       jax.random.PRNGKey(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8)))["params"])
-  return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
+  return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 
 def _conv_layers() -> list[tuple[tuple[str, ...], tuple[int, int, int, int]]]:
@@ -387,39 +389,12 @@ def convert_inception(state_dict: Mapping[str, np.ndarray], bn_eps: float = BN_E
   return params
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else k
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, name))
-    else:
-      out[name] = v
-  return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = v
-  return tree
-
-
 def check_inception_params(params: Mapping) -> None:
   """Raises one ValueError naming missing, unexpected and wrongly shaped parameters."""
-  shapes = _param_shapes()
-  got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
-  missing = sorted(set(shapes) - set(got))
-  unexpected = sorted(set(got) - set(shapes))
-  wrong = sorted(f"{k}: {got[k]} (expected {shapes[k]})" for k in set(got) & set(shapes)
-                 if got[k] != shapes[k])
-  if missing or unexpected or wrong:
-    raise ValueError(f"Inception params do not fit: missing {missing[:12]}, unexpected "
-                     f"{unexpected[:12]}, wrong shape {wrong[:12]}")
+  got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+  parts = shape_mismatches(got, _param_shapes())
+  if parts:
+    raise ValueError("Inception params do not fit: " + "; ".join(parts))
 
 
 def save_inception_params(params: Mapping, path: str | os.PathLike) -> str:
@@ -435,7 +410,7 @@ def save_inception_params(params: Mapping, path: str | os.PathLike) -> str:
     return path
   if not path.endswith(".npz"):
     path += ".npz"
-  np.savez(path, **{k: np.asarray(v, np.float32) for k, v in _flatten(params).items()})
+  np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
   return path
 
 
@@ -449,7 +424,7 @@ def load_inception_params(path: str | os.PathLike) -> dict:
       params = serialization.msgpack_restore(f.read())
   else:
     with np.load(path, allow_pickle=False) as f:
-      params = _unflatten({k: f[k] for k in f.files})
+      params = unflatten({k: f[k] for k in f.files})
   check_inception_params(params)
   return params
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqkd_jax.io.param_tree import flatten, shape_mismatches, unflatten
+
 Dtype = Any
 
 # torchvision vgg16().features: per block, (index of the conv in `features`, output channels). A
@@ -145,48 +147,12 @@ def torch_shapes() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...
   return vgg, lin
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, name))
-    else:
-      out[name] = v
-  return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = v
-  return tree
-
-
-def _mismatches(got: Mapping[str, tuple], want: Mapping[str, tuple]) -> list[str]:
-  """"missing (n): a, b; unexpected (n): ...; wrong shape (n): k: got (expected want)" parts."""
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  wrong = sorted(f"{k}: {got[k]} (expected {want[k]})" for k in set(got) & set(want)
-                 if tuple(got[k]) != tuple(want[k]))
-  parts = []
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-    if items:
-      parts.append(f"{title} ({len(items)}): " + ", ".join(items[:12])
-                   + (" ..." if len(items) > 12 else ""))
-  return parts
-
-
 def check_lpips_params(params: Mapping) -> None:
   """Raises one ValueError naming every missing, unexpected and wrongly shaped parameter."""
   if not isinstance(params, Mapping):
     raise ValueError(f"LPIPS params must be a dict, got {type(params).__name__}")
-  got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
-  parts = _mismatches(got, _param_shapes())
+  got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+  parts = shape_mismatches(got, _param_shapes())
   if parts:
     raise ValueError("LPIPS params do not fit: " + "; ".join(parts))
 
@@ -199,9 +165,9 @@ def convert_lpips_state_dicts(vgg_state: Mapping[str, np.ndarray],
   and one ValueError names all missing, unexpected and wrongly shaped keys of both files."""
   want_vgg, want_lin = torch_shapes()
   vgg = {k: v for k, v in vgg_state.items() if not k.startswith("classifier.")}
-  parts = [f"vgg16 {p}" for p in _mismatches({k: tuple(np.shape(v)) for k, v in vgg.items()},
+  parts = [f"vgg16 {p}" for p in shape_mismatches({k: tuple(np.shape(v)) for k, v in vgg.items()},
                                              want_vgg)]
-  parts += [f"lin {p}" for p in _mismatches({k: tuple(np.shape(v)) for k, v in lin_state.items()},
+  parts += [f"lin {p}" for p in shape_mismatches({k: tuple(np.shape(v)) for k, v in lin_state.items()},
                                             want_lin)]
   if parts:
     raise ValueError("LPIPS weights do not fit: " + "; ".join(parts))
@@ -213,7 +179,7 @@ def convert_lpips_state_dicts(vgg_state: Mapping[str, np.ndarray],
       flat[f"vgg/conv{index}/bias"] = np.asarray(vgg[f"features.{index}.bias"], np.float32)
   for l in range(len(TAP_CHANNELS)):
     flat[f"lin{l}"] = np.asarray(lin_state[f"lin{l}.model.1.weight"], np.float32).reshape(-1)
-  return _unflatten(flat)
+  return unflatten(flat)
 
 
 def save_lpips_params(params: Mapping, path: str | os.PathLike) -> str:
@@ -222,14 +188,14 @@ def save_lpips_params(params: Mapping, path: str | os.PathLike) -> str:
   path = os.fspath(path)
   check_lpips_params(params)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
   if path.endswith(".npz"):
     with open(path, "wb") as f:
       np.savez(f, **flat)
     return path
   from flax import serialization
   with open(path, "wb") as f:
-    f.write(serialization.msgpack_serialize(_unflatten(flat)))
+    f.write(serialization.msgpack_serialize(unflatten(flat)))
   return path
 
 
@@ -246,7 +212,7 @@ def load_lpips_params(path: str | os.PathLike) -> dict:
   try:
     if path.endswith(".npz"):
       with np.load(path, allow_pickle=False) as f:
-        params = _unflatten({k: f[k] for k in f.files})
+        params = unflatten({k: f[k] for k in f.files})
     else:
       from flax import serialization
       with open(path, "rb") as f:
@@ -292,4 +258,4 @@ def random_lpips_params(seed: int = 0) -> dict:
       flat[name] = rng.standard_normal(shape, np.float32) * np.float32(0.01)
     else:
       flat[name] = rng.uniform(0, 2.0 / shape[0], shape).astype(np.float32)
-  return _unflatten(flat)
+  return unflatten(flat)
