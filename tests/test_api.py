@@ -1,9 +1,10 @@
 """The sampling API (vqkd_jax/api.py): Generator.from_checkpoint from a demo-style directory or one
-proposal stage's, for AR and NAR, its errors, and the `vqkd sample` / `vqkd bench sample` commands.
+proposal stage's, for AR, NAR and T2I (text prompts), its errors, and the `vqkd sample` /
+`vqkd bench sample` commands.
 
 The default tests use the tiny pipeline of tests/tiny_workdir.py (one-step stages, built once per
-session); the slow one runs the runlocal demo (and trains a NAR stage on its tokenizer if it has
-none)."""
+session) and its tiny T2I layout; the slow one runs the runlocal demo (and trains a NAR stage on
+its tokenizer if it has none)."""
 
 import json
 import os
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiny_workdir import runlocal_demo, tiny_pipeline, train_tiny_stage
+from tiny_workdir import runlocal_demo, tiny_pipeline, tiny_t2i, train_tiny_stage
 from vqkd_jax import cli
-from vqkd_jax.api import Generator, SamplingError, demo_rows, find_proposal, find_tokenizer
+from vqkd_jax.api import (Generator, SamplingError, demo_rows, find_proposal, find_text_encoder,
+                          find_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +198,153 @@ def test_bench_sample_follows_the_config_stage(capsys):
   # The AR demo config has no bench group: one line that says so.
   assert cli.main(["bench", "sample", "--config", "configs/demo/ar.py", "--steps", "1"]) == 2
   assert "bench" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ text-to-image
+
+PROMPTS = ["a red circle at the top left", "a blue square", "a large green triangle in the centre",
+           "a small cross at the bottom right", "a red circle at the top left"]
+
+
+@pytest.fixture(scope="module")
+def t2i_root(tmp_path_factory):
+  return tiny_t2i(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def t2i_gen(t2i_root):
+  return Generator.from_checkpoint(str(t2i_root), kind="t2i")      # a multi-row demo directory
+
+
+def test_t2i_from_checkpoint_and_prompts_give_images(t2i_root, t2i_gen):
+  row = t2i_root / "vqkd_clip"
+  assert find_proposal(str(t2i_root), "t2i") == (str(row / "t2i"), "t2i")
+  assert find_proposal(str(row)) == (str(row / "t2i"), "t2i")      # the only proposal there
+  assert find_proposal(str(row / "t2i")) == (str(row / "t2i"), "t2i")
+  assert find_text_encoder(str(row / "t2i")) == str(t2i_root / "shared" / "teacher_clip")
+  assert t2i_gen.kind == "t2i" and t2i_gen.grid == (8, 8) and t2i_gen.num_classes is None
+  assert t2i_gen.text_encoder.kind == "in_the_box" and t2i_gen.codebook_size == 32
+  images = t2i_gen.sample(PROMPTS[:3], seed=0)
+  assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+  # The stage's own directory, the prompts= keyword, one string: the same samples.
+  from_stage = Generator.from_checkpoint(str(row / "t2i"), tokenizer=str(row / "tokenizer"))
+  tokens = t2i_gen.sample_tokens(PROMPTS[:3], seed=0)
+  assert tokens.shape == (3, 8, 8) and 0 <= tokens.min() and tokens.max() < 32
+  np.testing.assert_array_equal(from_stage.sample_tokens(prompts=PROMPTS[:3], seed=0), tokens)
+  np.testing.assert_array_equal(t2i_gen.sample_tokens(PROMPTS[0], seed=0), tokens[:1])
+  assert t2i_gen.sample_tokens([], seed=0).shape == (0, 8, 8)
+
+
+def test_t2i_samples_depend_on_seed_and_index_only(t2i_gen):
+  whole = t2i_gen.sample_tokens(PROMPTS, seed=3, batch_size=5)
+  np.testing.assert_array_equal(t2i_gen.sample_tokens(PROMPTS, seed=3, batch_size=2), whole)
+  np.testing.assert_array_equal(t2i_gen.sample_tokens(PROMPTS, seed=3, batch_size=3), whole)
+  np.testing.assert_array_equal(t2i_gen.sample_tokens(PROMPTS[:2], seed=3), whole[:2])
+  assert (t2i_gen.sample_tokens(PROMPTS, seed=4) != whole).mean() > 0.3
+  assert (whole[0] != whole[4]).any()            # same prompt, another index: another stream
+
+
+def test_t2i_tokens_equal_the_lower_level_sampler(t2i_root, t2i_gen):
+  """Second path: load_t2i + the caption tokenizer + train.t2i.sample_images on all prompts in one
+  call; third: the prefix through the model by hand and the uncached full-recompute sampler."""
+  import jax.numpy as jnp
+
+  from vqkd_jax.proposal import sampling
+  from vqkd_jax.train.t2i import load_t2i, sample_images
+
+  model, variables, info = load_t2i(str(t2i_root / "vqkd_clip" / "t2i"),
+                                    tokenizer=t2i_gen.tokenizer.frozen)
+  enc = info["text_encoder"]
+  ids, mask = enc.tokenize(PROMPTS)
+  kw = dict(cfg_scale=2.0, temperature=1.3, top_k=12, top_p=0.9)
+  want = np.asarray(sample_images(model, variables, enc, enc.variables, ids, mask,
+                                  rng=jax.random.PRNGKey(7), **kw))
+  got = t2i_gen.sample_tokens(PROMPTS, seed=7, batch_size=2, **kw)
+  np.testing.assert_array_equal(got.reshape(len(PROMPTS), -1), want)
+  states = enc.encode(enc.variables, jnp.asarray(ids[:2]), jnp.asarray(mask[:2]))
+  prefix = model.apply(variables, states, jnp.asarray(mask[:2]), method="prefix")
+  null = model.apply(variables, method="unconditional_prefix")
+  full = sampling.sample_from_prefix_full_recompute(
+      model.transformer, variables["params"]["transformer"], prefix, uncond_prefix=null,
+      num_image_tokens=64, codebook_size=32, rng=jax.random.PRNGKey(7), **kw)
+  np.testing.assert_array_equal(np.asarray(full), want[:2])
+  # Images: the codes through the pixel decoder, as Tokenizer.decode of the tokens.
+  np.testing.assert_array_equal(t2i_gen.sample(PROMPTS[:2], seed=7, **kw),
+                                t2i_gen.tokenizer.decode(got[:2]))
+
+
+def test_t2i_wrong_inputs_raise(t2i_gen, ar_gen, nar_gen):
+  with pytest.raises(SamplingError, match=r"text prompts \(a list of str\), got int 0"):
+    t2i_gen.sample([0, 1])
+  with pytest.raises(SamplingError, match="ar generator samples from class labels.*t2i"):
+    ar_gen.sample(["a red circle"])
+  with pytest.raises(SamplingError, match="nar generator samples from class labels.*t2i"):
+    nar_gen.sample("a red circle")
+  with pytest.raises(SamplingError, match="prompts= needs a t2i generator"):
+    ar_gen.sample(prompts=["a red circle"])
+  with pytest.raises(SamplingError, match="labels or prompts=, not both"):
+    t2i_gen.sample(["a blue square"], prompts=["a blue square"])
+  with pytest.raises(SamplingError, match=r"does not know the words 'purple' \(prompt 1\), "
+                     r"'hexagon' \(prompt 1, 2\); it knows: a small large red"):
+    t2i_gen.sample(["a red circle", "a purple hexagon", "a hexagon"])
+  with pytest.raises(SamplingError, match="longer than 11"):
+    t2i_gen.sample([" ".join(["a"] * 12)])
+  with pytest.raises(SamplingError, match="steps and choice_temperature"):
+    t2i_gen.sample(["a blue square"], steps=4)
+  with pytest.raises(SamplingError, match="class labels must be ints"):
+    ar_gen.sample([0.5])
+
+
+def test_t2i_text_encoder_found_after_the_runs_moved(t2i_root, t2i_gen, tmp_path):
+  """The t2i config's absolute tokenizer, pixel decoder and teacher_clip paths are gone: the row's
+  siblings and the demo layout's shared/teacher_clip are used."""
+  moved = tmp_path / "moved"
+  (moved / "shared").mkdir(parents=True)
+  os.symlink(t2i_root / "shared" / "teacher_clip", moved / "shared" / "teacher_clip")
+  row = moved / "vqkd_clip"
+  row.mkdir()
+  for stage in ("tokenizer", "pixel_decoder"):
+    os.symlink(t2i_root / "vqkd_clip" / stage, row / stage)
+  shutil.copytree(t2i_root / "vqkd_clip" / "t2i", row / "t2i")
+  cfg = _saved_config(row / "t2i")
+  old = str(tmp_path / "old_place")
+  cfg["tokenizer_workdir"] = old + "/tokenizer"
+  cfg["pixel_decoder_workdir"] = old + "/pixel_decoder"
+  cfg["text_encoder"]["workdir"] = old + "/shared/teacher_clip"
+  (row / "t2i" / "config.json").write_text(json.dumps(cfg))
+  assert find_text_encoder(str(row / "t2i")) == str(moved / "shared" / "teacher_clip")
+  gen = Generator.from_checkpoint(str(row))
+  np.testing.assert_array_equal(gen.sample_tokens(PROMPTS[:2], seed=5),
+                                t2i_gen.sample_tokens(PROMPTS[:2], seed=5))
+  assert gen.sample(PROMPTS[:1]).shape == (1, 32, 32, 3)
+  os.remove(moved / "shared" / "teacher_clip")
+  with pytest.raises(FileNotFoundError, match=r"text encoder.*teacher_clip\.py"):
+    Generator.from_checkpoint(str(row))
+
+
+def test_sample_command_t2i_writes_a_png(t2i_root, tiny, tmp_path, capsys):
+  out = tmp_path / "t2i.png"
+  assert cli.main(["sample", "--workdir", str(t2i_root), "--kind", "t2i", "--prompts",
+                   "a red circle at the top left; a blue square;", "--per_label", "3",
+                   "--out", str(out)]) == 0
+  with Image.open(out) as im:                     # 2 rows (prompts) x 3 columns of 32 px
+    assert im.format == "PNG" and im.size == (3 * 34 + 2, 2 * 34 + 2)
+  printed = capsys.readouterr().out
+  assert "wrote 6 samples" in printed and "row 1: a blue square" in printed
+  # --prompts alone picks the t2i stage; the default path names the kind.
+  assert cli.main(["sample", "--workdir", str(t2i_root / "vqkd_clip"), "--prompts",
+                   "a blue square", "--per_label", "1"]) == 0
+  assert (t2i_root / "vqkd_clip" / "sampled_t2i_seed0.png").is_file()
+  capsys.readouterr()
+  for argv, message in ((["--workdir", str(t2i_root), "--kind", "t2i"], "--prompts"),
+                        (["--workdir", str(t2i_root), "--prompts", "a purple square"], "'purple'"),
+                        (["--workdir", str(tiny), "--kind", "ar", "--prompts", "a blue square"],
+                         "t2i"),
+                        (["--workdir", str(t2i_root), "--prompts", "a", "--labels", "1"],
+                         "not both")):
+    assert cli.main(["sample", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vqkd: error:") and message in err and "\n" not in err
 
 
 @pytest.mark.slow

@@ -5,6 +5,9 @@ tmp_path_factory).
   tiny_pipeline:  tokenizer/ (Cluster codes of a random one-block ViT teacher), pixel_decoder/,
                   ar/ and nar/, from the demo configs at runlocal size, shrunk, one step each on
                   synthetic data: the layout of a demo directory in seconds.
+  tiny_t2i:       a multi-row demo layout for text-to-image: shared/teacher_clip (the runlocal
+                  CLIP-style teacher at random initialisation, not trained) and vqkd_clip/ with
+                  tiny_pipeline's tokenizer/ and pixel_decoder/ (links) and a one-step t2i/.
   runlocal_demo:  `vqkd demo --config configs/demo/demo.py:runlocal` (minutes on 2 CPU cores),
                   for the slow tests.
 """
@@ -59,6 +62,63 @@ def tiny_pipeline(tmp_path_factory):
       train_tiny_stage(name, root / name, root / "tokenizer")
     _BUILT["tiny"] = root
   return _BUILT["tiny"]
+
+
+def random_clip_workdir(workdir) -> None:
+  """A teacher_clip stage's work directory at random initialisation (no training step):
+  config.json and a checkpoint as the loop writes them (configs/demo/teacher_clip.py:runlocal)."""
+  import os
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from vqkd_jax.config import load_config
+  from vqkd_jax.train import checkpoint as ckpt_lib
+  from vqkd_jax.train import teacher_clip
+  from vqkd_jax.train.state import TrainState
+
+  c = load_config("configs/demo/teacher_clip.py:runlocal")
+  model = teacher_clip.build_model(c.model)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                               jnp.zeros((1, c.model.context_length), jnp.int32))["params"]
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ckpt.save(1, TrainState.create({"params": nn.meta.unbox(params)}, optax.identity(),
+                                 jax.random.PRNGKey(0)))
+  ckpt.close()
+
+
+def tiny_t2i(tmp_path_factory):
+  """<root>/shared/teacher_clip (random) and <root>/vqkd_clip/{tokenizer, pixel_decoder} (links to
+  tiny_pipeline's) + t2i/ (configs/demo/t2i.py at runlocal size, width 32, one layer, one step of
+  batch 8 on synthetic data; 12-token captions, an 8x8 grid of 32 codes). Returns <root>."""
+  if "t2i" not in _BUILT:
+    import os
+
+    from vqkd_jax.config import load_config
+    from vqkd_jax.train import loop
+
+    tiny = tiny_pipeline(tmp_path_factory)
+    root = tmp_path_factory.mktemp("tiny_t2i")
+    random_clip_workdir(str(root / "shared" / "teacher_clip"))
+    row = root / "vqkd_clip"
+    row.mkdir()
+    for stage in ("tokenizer", "pixel_decoder"):
+      os.symlink(tiny / stage, row / stage)
+    c = _shrink(load_config("configs/demo/t2i.py:runlocal=True"))
+    with c.unlocked():
+      c.tokenizer_workdir = str(row / "tokenizer")
+      c.pixel_decoder_workdir = str(row / "pixel_decoder")
+      c.text_encoder.workdir = str(root / "shared" / "teacher_clip")
+      c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
+      c.sampling.num_samples = 0
+    loop.train(c, str(row / "t2i"))
+    _BUILT["t2i"] = root
+  return _BUILT["t2i"]
 
 
 def runlocal_demo(tmp_path_factory):

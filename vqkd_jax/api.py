@@ -5,6 +5,8 @@
     images = gen.sample([0, 1, 2], cfg_scale=1.75, seed=0)   # uint8 [3, H, W, 3]
     gen = Generator.from_checkpoint("runs/demo", kind="nar")   # the masked-token network
     images = gen.sample([0, 1, 2], steps=8)
+    gen = Generator.from_checkpoint("runs/demo", kind="t2i")   # text-to-image: prompts
+    images = gen.sample(["a large red circle at the top left", "a blue square"], seed=0)
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Tokenizer:
     return np.asarray(self._decode(jnp.asarray(indices)))
 
 
-PROPOSAL_STAGES = ("ar", "nar")
+PROPOSAL_STAGES = ("ar", "nar", "t2i")   # ar / nar: sample(class labels); t2i: sample(prompts)
 
 
 class SamplingError(ValueError):
@@ -81,9 +83,15 @@ def _train_command(kind: str, root: str, tokenizer: str | None = None) -> str:
   tokenizer = tokenizer or os.path.join(root, "tokenizer")
   if kind == "tokenizer":
     return f"`vqkd demo --workdir {root}` (makes {root}/tokenizer)"
-  config = {"ar": "ar", "nar": "nar", "pixel_decoder": "pixel_decoder"}[kind]
+  if kind == "teacher_clip":
+    return f"`vqkd train --config configs/demo/teacher_clip.py --workdir {root}`"
+  config = {"ar": "ar", "nar": "nar", "t2i": "t2i", "pixel_decoder": "pixel_decoder"}[kind]
+  extra = ""
+  if kind == "t2i":
+    extra = (f" --config.text_encoder.workdir=<a teacher_clip stage> "
+             f"--config.pixel_decoder_workdir={os.path.join(root, 'pixel_decoder')}")
   command = (f"`vqkd train --config configs/demo/{config}.py --workdir {os.path.join(root, kind)} "
-             f"--config.tokenizer_workdir={tokenizer}`")
+             f"--config.tokenizer_workdir={tokenizer}{extra}`")
   return command if kind == "nar" else f"{command} (or `vqkd demo --workdir {root}`)"
 
 
@@ -97,7 +105,8 @@ def _has_proposal(workdir: str) -> bool:
 
 
 def demo_rows(path: str) -> list[str]:
-  """The rows of a multi-row demo directory: its subdirectories holding ar/ or nar/, sorted."""
+  """The rows of a multi-row demo directory: its subdirectories holding ar/, nar/ or t2i/,
+  sorted."""
   if not os.path.isdir(path):
     return []
   return sorted(d for d in os.listdir(path) if _has_proposal(os.path.join(path, d)))
@@ -105,9 +114,10 @@ def demo_rows(path: str) -> list[str]:
 
 def find_proposal(path: str, kind: str | None = None, row: str | None = None) -> tuple[str, str]:
   """(work directory, kind) of the proposal network that `path` names: `path` is the work
-  directory of an ar or nar stage (its config.json's stage), or a demo-style directory holding
-  ar/ and/or nar/ (kind picks one; default ar when both), or a multi-row demo directory whose
-  row directories are demo-style (row picks one; default: the only row, else DEFAULT_ROW).
+  directory of an ar, nar or t2i stage (its config.json's stage), or a demo-style directory
+  holding some of ar/, nar/, t2i/ (kind picks one; default: the first of ar, nar, t2i there), or a
+  multi-row demo directory whose row directories are demo-style (row picks one; default: the only
+  row, else DEFAULT_ROW).
   Raises FileNotFoundError naming what is missing and the command that makes it."""
   if kind is not None and kind not in PROPOSAL_STAGES:
     raise SamplingError(f"kind must be one of {PROPOSAL_STAGES} or None, got {kind!r}")
@@ -116,7 +126,7 @@ def find_proposal(path: str, kind: str | None = None, row: str | None = None) ->
   rows = demo_rows(path)
   if row is not None:
     if row not in rows:
-      raise FileNotFoundError(f"{path} has no row {row!r} holding ar/ or nar/ (rows: "
+      raise FileNotFoundError(f"{path} has no row {row!r} holding ar/, nar/ or t2i/ (rows: "
                               f"{', '.join(rows) or 'none'})")
     path = os.path.join(path, row)
   elif not _has_proposal(path) and _saved_stage(path) is None and rows:
@@ -131,17 +141,45 @@ def find_proposal(path: str, kind: str | None = None, row: str | None = None) ->
   if stage is not None:
     raise SamplingError(f"{path} holds a {stage!r} stage, not a proposal network "
                         f"({', '.join(PROPOSAL_STAGES)}); pass its demo work directory or the work "
-                        f"directory of an ar or nar stage")
+                        f"directory of an ar, nar or t2i stage")
   found = [k for k in PROPOSAL_STAGES if _saved_stage(os.path.join(path, k)) == k]
   if kind is None and found:
     kind = found[0]
   if kind is None:
-    raise FileNotFoundError(f"{path} holds no proposal stage (ar/ or nar/): train one with "
-                            f"{_train_command('ar', path)} or {_train_command('nar', path)}")
+    raise FileNotFoundError(f"{path} holds no proposal stage (ar/, nar/ or t2i/): train one "
+                            f"with {_train_command('ar', path)} or {_train_command('nar', path)}")
   if kind not in found:
     raise FileNotFoundError(f"{path} has no {kind}/ stage: train it with "
                             f"{_train_command(kind, path)}")
   return os.path.join(path, kind), kind
+
+
+def _saved_config(workdir: str) -> dict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)
+
+
+def find_text_encoder(t2i_workdir: str) -> str | None:
+  """Where the text encoder of a t2i stage is, for load_t2i's `text_encoder`: kind in_the_box, the
+  config's text_encoder.workdir, or, when that path is gone (the runs moved), the teacher_clip
+  stage of the demo layout (<row>/../shared/teacher_clip) or a sibling teacher_clip/; None for
+  other kinds (hf_clip: the config's path is used as saved)."""
+  saved_cfg = _saved_config(t2i_workdir).get("text_encoder") or {}
+  if saved_cfg.get("kind") != "in_the_box":
+    return None
+  saved = saved_cfg.get("workdir") or ""
+  if saved and _saved_stage(saved) == "teacher_clip":
+    return saved
+  root = os.path.dirname(os.path.abspath(t2i_workdir))
+  candidates = (os.path.join(os.path.dirname(root), "shared", "teacher_clip"),
+                os.path.join(root, "teacher_clip"))
+  for candidate in candidates:
+    if _saved_stage(candidate) == "teacher_clip":
+      return candidate
+  raise FileNotFoundError(
+      f"the text encoder of {t2i_workdir} is missing: neither its config's text_encoder.workdir "
+      f"({saved or 'unset'}) nor {' or '.join(candidates)} holds a teacher_clip stage; pass "
+      f"text_encoder= or make one with {_train_command('teacher_clip', candidates[0])}")
 
 
 def find_tokenizer(proposal_workdir: str) -> str:
@@ -162,27 +200,42 @@ def find_tokenizer(proposal_workdir: str) -> str:
 
 
 class Generator:
-  """A class-conditional generator: proposal network (AR or NAR) -> code indices -> pixels.
+  """A generator: proposal network (AR, NAR or T2I) -> code indices -> pixels.
 
-  `kind` is "ar" (autoregressive, KV-cached sampling) or "nar" (masked-token parallel decoding).
+  `kind` is "ar" (class-conditional, autoregressive, KV-cached sampling), "nar" (class-conditional,
+  masked-token parallel decoding) or "t2i" (text-conditioned AR: a caption prefix from a frozen
+  text encoder). ar / nar sample from class labels (ints), t2i from text prompts (strings).
   The tokenizer decodes the codes itself (VQGAN, FSQ) or through its pixel decoder (VQ-KD,
   Cluster). Load with `Generator.from_checkpoint(path)`."""
 
   def __init__(self, proposal_workdir: str, decoder_workdir: str | None = None,
-               precision: str = "float32", *, tokenizer=None):
-    """proposal_workdir: an ar or nar stage's work directory; decoder_workdir: the pixel decoder
-    stage (None for tokenizers that decode themselves); tokenizer: a work directory or a loaded
-    FrozenTokenizer (default: the proposal config's tokenizer_workdir)."""
+               precision: str = "float32", *, tokenizer=None, text_encoder=None):
+    """proposal_workdir: an ar, nar or t2i stage's work directory; decoder_workdir: the pixel
+    decoder stage (None for tokenizers that decode themselves); tokenizer: a work directory or a
+    loaded FrozenTokenizer (default: the proposal config's tokenizer_workdir); text_encoder (t2i):
+    a loaded FrozenTextEncoder or the place of the config's one (see train.t2i.load_t2i; default:
+    the config's text_encoder)."""
     from vqkd_jax.train import ar as ar_stage
     from vqkd_jax.train import nar as nar_stage
+    from vqkd_jax.train import t2i as t2i_stage
 
     self.kind = _saved_stage(proposal_workdir)
     if self.kind not in PROPOSAL_STAGES:
       raise SamplingError(f"{proposal_workdir} holds a {self.kind!r} stage, not a proposal "
                           f"network ({', '.join(PROPOSAL_STAGES)})")
-    load = ar_stage.load_ar if self.kind == "ar" else nar_stage.load_nar
-    self.model, self.variables, info = load(proposal_workdir, precision, tokenizer=tokenizer)
-    self.num_classes = info["num_classes"]
+    self.text_encoder = None                         # t2i: the FrozenTextEncoder
+    if self.kind == "t2i":
+      self.model, self.variables, info = t2i_stage.load_t2i(
+          proposal_workdir, precision, tokenizer=tokenizer, text_encoder=text_encoder)
+      self.text_encoder = info["text_encoder"]
+      self.num_classes = None
+    else:
+      if text_encoder is not None:
+        raise SamplingError(f"text_encoder= is for t2i stages; {proposal_workdir} holds a "
+                            f"{self.kind} stage")
+      load = ar_stage.load_ar if self.kind == "ar" else nar_stage.load_nar
+      self.model, self.variables, info = load(proposal_workdir, precision, tokenizer=tokenizer)
+      self.num_classes = info["num_classes"]
     self.codebook_size = info["codebook_size"]
     self.grid = info["grid"]
     self.sampling = info.get("sampling", {})          # NAR: the stage config's decoding settings
@@ -191,17 +244,21 @@ class Generator:
   @classmethod
   def from_checkpoint(cls, path: str, precision: str = "float32", *, kind: str | None = None,
                       row: str | None = None, decoder: str | None = None,
-                      tokenizer: str | None = None) -> "Generator":
-    """Everything from one path: a demo-style work directory (ar/ and/or nar/, tokenizer/,
-    pixel_decoder/), a multi-row demo directory (<path>/<row>/ demo-style), or one proposal
-    stage's work directory.
+                      tokenizer: str | None = None,
+                      text_encoder: str | None = None) -> "Generator":
+    """Everything from one path: a demo-style work directory (some of ar/, nar/, t2i/, with
+    tokenizer/, pixel_decoder/), a multi-row demo directory (<path>/<row>/ demo-style), or one
+    proposal stage's work directory.
 
-    kind: "ar" | "nar" | None, which proposal network of a demo directory (default ar when both).
-    row: which row of a multi-row demo (default: the only one, else DEFAULT_ROW, "vqkd_clip").
+    kind: "ar" | "nar" | "t2i" | None, which proposal network of a demo directory (default: the
+    first of ar, nar, t2i there). row: which row of a multi-row demo (default: the only one, else
+    DEFAULT_ROW, "vqkd_clip").
     The tokenizer is the proposal config's tokenizer_workdir, or the sibling tokenizer/ when that
-    path moved (or `tokenizer`); when it cannot decode pixels itself the pixel decoder is `decoder`
-    or the sibling pixel_decoder/. A missing piece raises FileNotFoundError naming it and the
-    command that makes it."""
+    path moved (or `tokenizer`); when it cannot decode pixels itself the pixel decoder is `decoder`,
+    else (t2i) the config's pixel_decoder_workdir when it holds one, else the sibling
+    pixel_decoder/. t2i: the text encoder is the config's, its in-the-box teacher_clip stage found
+    as find_text_encoder says (or `text_encoder`). A missing piece raises FileNotFoundError naming
+    it and the command that makes it."""
     from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
 
     proposal, kind = find_proposal(path, kind, row)
@@ -210,34 +267,114 @@ class Generator:
       decoder = None
     elif decoder is None:
       root = os.path.dirname(os.path.abspath(proposal))
+      saved = (_saved_config(proposal).get("pixel_decoder_workdir") or "") if kind == "t2i" else ""
       decoder = os.path.join(root, "pixel_decoder")
-      if _saved_stage(decoder) != "pixel_decoder":
+      if saved and _saved_stage(saved) == "pixel_decoder":
+        decoder = saved
+      elif _saved_stage(decoder) != "pixel_decoder":
         raise FileNotFoundError(
             f"{frozen.stage} codes need a pixel decoder and {decoder} holds none: pass decoder= "
             f"or train one with {_train_command('pixel_decoder', root)}")
     elif _saved_stage(decoder) != "pixel_decoder":
       raise FileNotFoundError(f"{decoder} holds no pixel_decoder stage")
-    return cls(proposal, decoder, precision, tokenizer=frozen)
+    if kind == "t2i":
+      text_encoder = text_encoder or find_text_encoder(proposal)
+    elif text_encoder is not None:
+      raise SamplingError(f"text_encoder= is for t2i stages, not {kind}")
+    return cls(proposal, decoder, precision, tokenizer=frozen, text_encoder=text_encoder)
 
   @classmethod
   def from_workdir(cls, workdir: str, precision: str = "float32", **kwargs) -> "Generator":
     """Alias of from_checkpoint (kept for earlier callers)."""
     return cls.from_checkpoint(workdir, precision, **kwargs)
 
-  def sample_tokens(self, labels: Sequence[int], *, cfg_scale: float = 1.75,
+  def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """t2i: text prompts [N] -> (caption ids int32 [N, L], mask bool [N, L]) by the text encoder's
+    caption tokenizer. The in-the-box tokenizer knows the built-in captions' words only: a prompt
+    with other words (or too many) raises SamplingError naming them."""
+    if self.kind != "t2i":
+      raise SamplingError(f"this {self.kind} generator samples from class labels; text prompts "
+                          f"need a t2i stage (kind='t2i')")
+    prompts = self._prompts(prompts)
+    if self.text_encoder.kind == "in_the_box":
+      from vqkd_jax.teachers import in_the_box_captions as captions
+      vocab = captions.VOCAB[len(captions.SPECIAL_TOKENS):]
+      unknown = {}                                   # word -> indices of the prompts using it
+      for i, p in enumerate(prompts):
+        for w in p.lower().split():
+          if w not in vocab and i not in unknown.setdefault(w, []):
+            unknown[w].append(i)
+      if unknown:
+        words = ", ".join(f"{w!r} (prompt {', '.join(map(str, i))})" for w, i in unknown.items())
+        raise SamplingError(f"the in-the-box caption tokenizer does not know the words {words}; "
+                            f"it knows: {' '.join(vocab)}")
+    try:
+      ids, mask = self.text_encoder.tokenize(prompts)
+    except ValueError as e:                  # e.g. an in-the-box caption of too many words
+      raise SamplingError(str(e)) from e
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+  def _prompts(self, prompts) -> list[str]:
+    """t2i inputs as a list of str (one string: one prompt); anything else: SamplingError."""
+    if isinstance(prompts, str):
+      return [prompts]
+    prompts = (list(prompts) if isinstance(prompts, (list, tuple))
+               else list(np.asarray(prompts, dtype=object).reshape(-1)))
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+      raise SamplingError(f"a t2i generator samples from text prompts (a list of str), got "
+                          f"{type(bad[0]).__name__} {bad[0]!r}; class labels need an ar or nar "
+                          f"stage (kind='ar' or 'nar')")
+    return [str(p) for p in prompts]
+
+  def _labels(self, labels) -> np.ndarray:
+    """ar / nar inputs as int32 [N]; text prompts: SamplingError."""
+    items = ([labels] if isinstance(labels, (str, bytes)) else
+             list(labels) if isinstance(labels, (list, tuple)) else np.asarray(labels).reshape(-1))
+    if any(isinstance(x, (str, bytes)) for x in items):
+      raise SamplingError(f"this {self.kind} generator samples from class labels (ints in "
+                          f"[0, {self.num_classes})), got text; text prompts need a t2i stage "
+                          f"(kind='t2i')")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and labels.dtype.kind not in "iu":
+      raise SamplingError(f"class labels must be ints, got {labels.dtype} values")
+    return labels.astype(np.int32)
+
+  def sample_tokens(self, labels: Sequence[int] | Sequence[str] | None = None, *,
+                    prompts: Sequence[str] | None = None, cfg_scale: float = 1.75,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     batch_size: int = 256, steps: int | None = None,
                     choice_temperature: float | None = None) -> np.ndarray:
-    """Code indices int32 [N, h, w] for the class `labels` [N] (each sample depends on the seed
-    and its position in `labels` only, not on batch_size).
+    """Code indices int32 [N, h, w] for the class `labels` [N] (ar, nar) or the text prompts [N]
+    (t2i: a list of str, as the first argument or prompts=). Each sample depends on the seed and
+    its position in the list only, not on batch_size.
 
-    Both kinds: cfg_scale (1 or None: no guidance), temperature (0: argmax). AR: top_k (0: off),
-    top_p (1: off). NAR: steps and choice_temperature (default: the stage config's sampling
-    group; its cfg_schedule applies). A setting the kind does not use raises SamplingError."""
+    All kinds: cfg_scale (1 or None: no guidance), temperature (0: argmax). AR and T2I: top_k
+    (0: off), top_p (1: off). NAR: steps and choice_temperature (default: the stage config's
+    sampling group; its cfg_schedule applies). A setting the kind does not use, ints for t2i or
+    strings for ar / nar raise SamplingError."""
     from vqkd_jax.proposal import nar as nar_lib
     from vqkd_jax.proposal.sampling import sample as ar_sample
 
-    labels = np.asarray(labels, np.int32).reshape(-1)
+    if prompts is not None:
+      if labels is not None:
+        raise SamplingError("pass labels or prompts=, not both")
+      if self.kind != "t2i":
+        raise SamplingError(f"prompts= needs a t2i generator; this {self.kind} one samples from "
+                            f"class labels (kind='t2i' picks the text-to-image stage)")
+      labels = prompts
+    if labels is None:
+      raise SamplingError("nothing to sample: pass " + ("text prompts" if self.kind == "t2i"
+                                                         else "class labels"))
+    if batch_size < 1:
+      raise SamplingError(f"batch_size must be >= 1, got {batch_size}")
+    if self.kind == "t2i":
+      if steps is not None or choice_temperature is not None:
+        raise SamplingError("steps and choice_temperature set NAR decoding; T2I (AR) sampling "
+                            "draws one token per step and does not use them")
+      return self._sample_t2i(labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, batch_size=batch_size)
+    labels = self._labels(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
       raise SamplingError(f"labels must be in [0, {self.num_classes}), got "
                           f"{labels.min()}..{labels.max()}")
@@ -275,9 +412,35 @@ class Generator:
     tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
     return tokens.reshape(-1, *self.grid)
 
-  def sample(self, labels: Sequence[int], **kwargs) -> np.ndarray:
-    """uint8 images [N, H, W, 3] for the class `labels` [N]; kwargs as `sample_tokens`
-    (cfg_scale, temperature, top_k, top_p, seed, batch_size, steps, choice_temperature)."""
+  def _sample_t2i(self, prompts, *, cfg_scale, temperature, top_k, top_p, seed,
+                  batch_size) -> np.ndarray:
+    """Codes [N, h, w] of text prompts: train.t2i.sample_images per chunk of batch_size, the
+    chunk's start as example_offset (so a sample does not depend on the chunking)."""
+    from vqkd_jax.train.t2i import sample_images
+
+    ids, mask = self.encode_prompts(prompts)
+    n = len(ids)
+    out = []
+    rng = jax.random.PRNGKey(seed)
+    for start in range(0, n, batch_size):
+      chunk_ids, chunk_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+      m = len(chunk_ids)
+      if n > batch_size:     # every chunk batch_size rows (one compilation); padding dropped
+        pad = ((0, batch_size - m), (0, 0))
+        chunk_ids, chunk_mask = np.pad(chunk_ids, pad, "edge"), np.pad(chunk_mask, pad, "edge")
+      codes = sample_images(self.model, self.variables, self.text_encoder,
+                            self.text_encoder.variables, chunk_ids, chunk_mask, rng=rng,
+                            cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                            top_p=top_p, example_offset=start)
+      out.append(np.asarray(codes)[:m])
+    num_tokens = self.grid[0] * self.grid[1]
+    tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
+    return tokens.reshape(-1, *self.grid)
+
+  def sample(self, labels: Sequence[int] | Sequence[str] | None = None, **kwargs) -> np.ndarray:
+    """uint8 images [N, H, W, 3] for the class `labels` [N] (ar, nar) or the text prompts [N]
+    (t2i; or prompts=); kwargs as `sample_tokens` (prompts, cfg_scale, temperature, top_k, top_p,
+    seed, batch_size, steps, choice_temperature)."""
     return self.tokenizer.decode(self.sample_tokens(labels, **kwargs))
 
 

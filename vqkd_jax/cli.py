@@ -3,6 +3,7 @@
   vqkd train    --config configs/demo/vqkd.py[:arg] --workdir DIR [--config.a.b=value ...]
   vqkd evaluate --config ... --workdir DIR        evaluate the newest checkpoint of a stage
   vqkd sample   --workdir DIR [--kind ar|nar] [--labels 0,1] [--cfg 1.75] [--out grid.png]
+                | --kind t2i --prompts "a red circle at the top left;a blue square"
   vqkd bench    train|sample|pipeline --config ... [--steps N] | fid [--batch 256 --mode exact]
   vqkd convert  inception SRC.pth OUT.npz | lpips VGG16.pth OUT --lin vgg.pth   PyTorch weights, converted once
   vqkd demo     [--workdir runs/demo] [--config configs/demo/demo.py[:arg]]
@@ -56,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
   s = sub.add_parser("sample", help="sample images from a demo work directory or a proposal stage")
   s.add_argument("--workdir", required=True,
-                 help="a demo-style work directory (ar/ and/or nar/) or an ar or nar stage's")
-  s.add_argument("--kind", default=None, choices=["ar", "nar"],
-                 help="which proposal network of a demo directory (default: ar when both)")
+                 help="a demo-style work directory (some of ar/, nar/, t2i/) or an ar, nar or t2i "
+                 "stage's")
+  s.add_argument("--kind", default=None, choices=["ar", "nar", "t2i"],
+                 help="which proposal network of a demo directory (default: t2i with --prompts, "
+                 "else the first of ar, nar there)")
   s.add_argument("--row", default=None,
                  help="which row of a multi-row demo directory (default: vqkd_clip)")
   s.add_argument("--steps", type=int, default=None,
@@ -67,8 +70,14 @@ def _parser() -> argparse.ArgumentParser:
                  help="nar: initial Gumbel temperature of the confidence (default: the config's)")
   s.add_argument("--decoder", default=None,
                  help="pixel decoder work directory (default: the sibling pixel_decoder/)")
-  s.add_argument("--labels", default="", help="comma-separated class ids (default: every class)")
-  s.add_argument("--per_label", type=int, default=8)
+  s.add_argument("--labels", default="", help="ar / nar: comma-separated class ids (default: "
+                 "every class)")
+  s.add_argument("--prompts", default="",
+                 help="t2i: text prompts separated by semicolons ';' (commas may appear inside a "
+                 "prompt; spaces around each prompt are dropped), e.g. \"a red circle at the top "
+                 "left;a blue square\"; one grid row per prompt")
+  s.add_argument("--per_label", type=int, default=8,
+                 help="samples per label (ar / nar) or per prompt (t2i): the grid's columns")
   s.add_argument("--cfg", type=float, default=1.75)
   s.add_argument("--temperature", type=float, default=1.0)
   s.add_argument("--top_k", type=int, default=0)
@@ -179,12 +188,27 @@ def _run(args, overrides: list[str]) -> int:
   if args.command == "sample":
     from vqkd_jax.api import Generator, SamplingError
     from vqkd_jax.evaluation.images import save_grid
+    prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
+    if args.prompts and not prompts:
+      raise ConfigError(f"--prompts {args.prompts!r} holds no prompt (separate them with ';')")
+    if prompts and args.labels:
+      raise ConfigError("pass --labels (ar / nar) or --prompts (t2i), not both")
+    kind = args.kind or ("t2i" if prompts else None)
     try:
-      gen = Generator.from_checkpoint(args.workdir, kind=args.kind, row=args.row,
+      gen = Generator.from_checkpoint(args.workdir, kind=kind, row=args.row,
                                       decoder=args.decoder)
-      labels = ([int(x) for x in args.labels.split(",")] if args.labels
-                else list(range(gen.num_classes)))
-      labels = [l for l in labels for _ in range(args.per_label)]
+      if gen.kind == "t2i" and not prompts:
+        raise ConfigError("t2i samples from text prompts: pass --prompts \"a red circle;a blue "
+                          "square\" (separated by ';')")
+      if prompts:
+        conditions = prompts            # strings for an ar / nar generator: its SamplingError
+      else:
+        try:
+          conditions = ([int(x) for x in args.labels.split(",")] if args.labels
+                        else list(range(gen.num_classes)))
+        except ValueError as e:
+          raise ConfigError(f"--labels takes comma-separated class ids, got {args.labels!r}") from e
+      labels = [l for l in conditions for _ in range(args.per_label)]
       images = gen.sample(labels, cfg_scale=args.cfg, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, steps=args.steps,
                           choice_temperature=args.choice_temperature)
@@ -194,6 +218,8 @@ def _run(args, overrides: list[str]) -> int:
     out = args.out or os.path.join(args.workdir, f"sampled_{gen.kind}_seed{args.seed}.png")
     save_grid(images, out, ncols=args.per_label)
     print(f"wrote {len(images)} samples to {out}")
+    if prompts:                     # one grid row per prompt
+      print("".join(f"row {i}: {p}\n" for i, p in enumerate(prompts)), end="")
     return 0
   if args.command == "bench":
     from vqkd_jax import bench

@@ -24,6 +24,7 @@ pixel decoder of config.pixel_decoder_workdir; without either, the codes go to s
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -186,6 +187,15 @@ def _numeric(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OUS"}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "encode"))
+def _prefixes(model, encode, model_vars, text_vars, ids, mask):
+  """(caption prefixes [B, L, width], the null prefix [L, width]); one compilation per model,
+  text encoder and batch shape (the chunks of a long prompt list reuse it)."""
+  states = encode(text_vars, ids, mask)
+  return (model.apply(model_vars, states, mask, method="prefix"),
+          model.apply(model_vars, method="unconditional_prefix"))
+
+
 def sample_images(model, model_vars, encoder: FrozenTextEncoder, text_vars, ids, mask, *,
                   rng: jax.Array, cfg_scale: float | None = 1.75, temperature: float = 1.0,
                   top_k: int | None = 0, top_p: float | None = 1.0,
@@ -193,15 +203,8 @@ def sample_images(model, model_vars, encoder: FrozenTextEncoder, text_vars, ids,
   """Image codes int32 [B, N] for caption ids [B, L] / mask [B, L] (the encoder's tokens), with
   classifier-free guidance against the learned null prefix (cfg_scale None or 1: none). Each
   sample depends on the seed and its index (example_offset + row) only."""
-
-  @jax.jit
-  def prefixes(model_vars, text_vars, ids, mask):
-    states = encoder.encode(text_vars, ids, mask)
-    return (model.apply(model_vars, states, mask, method="prefix"),
-            model.apply(model_vars, method="unconditional_prefix"))
-
-  prefix, null = prefixes(model_vars, text_vars, jnp.asarray(ids, jnp.int32),
-                          jnp.asarray(mask, bool))
+  prefix, null = _prefixes(model, encoder.encode, model_vars, text_vars,
+                           jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
   return sampling.sample_from_prefix(
       model.transformer, model_vars["params"]["transformer"], prefix, uncond_prefix=null,
       num_image_tokens=model.num_image_tokens, codebook_size=model.transformer.vocab_size,
@@ -256,23 +259,35 @@ def write_samples(config, model, model_vars, encoder, text_vars, captions, token
   save_grid(side_by_side(real, images, per_row=8), base + ".png", ncols=min(8, len(images)))
 
 
-def load_t2i(workdir: str, precision: str = "float32"):
+def load_t2i(workdir: str, precision: str = "float32", tokenizer=None, text_encoder=None):
   """(model, variables, info) of a trained t2i stage; info: codebook_size, grid, tokenizer (the
-  FrozenTokenizer), text_encoder (the FrozenTextEncoder), tokenizer_workdir and the config's
-  sampling group. Sample with `sample_images(model, variables, info["text_encoder"],
-  info["text_encoder"].variables, *info["text_encoder"].tokenize(captions), rng=...)`."""
+  FrozenTokenizer), text_encoder (the FrozenTextEncoder), tokenizer_workdir, pixel_decoder_workdir
+  and the config's sampling group. Sample with `sample_images(model, variables,
+  info["text_encoder"], info["text_encoder"].variables, *info["text_encoder"].tokenize(captions),
+  rng=...)`.
+
+  tokenizer: a FrozenTokenizer or work directory to use instead of the config's tokenizer_workdir.
+  text_encoder: a FrozenTextEncoder, or the place of the config's text encoder to use instead of
+  the saved one (in_the_box: a teacher_clip work directory; hf_clip: a CLIP folder)."""
   import ml_collections
 
   from vqkd_jax.train.loop import load_trained
 
   trained = load_trained(workdir)
   cfg = trained["config"]
-  tokenizer = load_frozen_tokenizer(cfg["tokenizer_workdir"], precision)
-  encoder = load_text_encoder(ml_collections.ConfigDict(cfg["text_encoder"]), precision)
+  if tokenizer is None or isinstance(tokenizer, str):
+    tokenizer = load_frozen_tokenizer(tokenizer or cfg["tokenizer_workdir"], precision)
+  if text_encoder is None or isinstance(text_encoder, str):
+    te_cfg = ml_collections.ConfigDict(cfg["text_encoder"])
+    if text_encoder:
+      te_cfg["workdir" if te_cfg.kind == "in_the_box" else "path"] = text_encoder
+    text_encoder = load_text_encoder(te_cfg, precision)
+  encoder = text_encoder
   h, w = tokenizer.grid(cfg["data"]["image_size"])
   model = build_model(cfg["model"], codebook_size=tokenizer.num_codes, num_image_tokens=h * w,
                       text_length=encoder.context_length, precision=precision)
   info = {"codebook_size": tokenizer.num_codes, "grid": (h, w), "tokenizer": tokenizer,
           "text_encoder": encoder, "tokenizer_workdir": cfg["tokenizer_workdir"],
+          "pixel_decoder_workdir": cfg.get("pixel_decoder_workdir") or "",
           "sampling": dict(cfg.get("sampling") or {})}
   return model, variables(trained["params"], trained["model_state"]), info
