@@ -1,7 +1,7 @@
 """The paper in a box: every tokenizer row of the paper's table, trained and measured on the
 built-in dataset with nothing downloaded.
 
-  vqkd demo --workdir runs/demo                                    # one seed, ~20 min on 2 CPU cores
+  vqkd demo --workdir runs/demo                                    # one seed, ~48 min on 2 CPU cores
   vqkd demo --workdir runs/demo --config configs/demo/demo.py:seeds=3   # 3 seeds, verdicts with spread
   vqkd demo --workdir runs/demo_gpu --config configs/demo/demo.py:gpu   # larger study, one GPU
   vqkd demo --workdir runs/tiny --config configs/demo/demo.py:runlocal  # seconds (tests)
@@ -53,8 +53,9 @@ ROWS = (
     ("cluster", "Cluster_CLIP", ("cluster.py", ""), "teacher_clip", False),
 )
 
-# Steps and batch sizes per stage (shared keys, and row stages by kind). "default" is sized for
-# 20 minutes on 2 CPU cores (see the README for what was measured); "gpu" is meant for one GPU.
+# Steps and batch sizes per stage (shared keys, and row stages by kind). "default" was meant for 20
+# minutes on 2 CPU cores; measured: 48 min (34 stages of 70-305 s two at a time, report 6 min; the
+# README has the figures). "gpu" is meant for one GPU.
 STEPS = {
     "default": dict(teacher_vit=300, teacher_mae=400, teacher_clip=300, teacher_dino=250,
                     perceptual=200, evaluator=400, vqgan=300, vqkd=300, cluster=200,
