@@ -322,6 +322,7 @@ def test_t2i_text_encoder_found_after_the_runs_moved(t2i_root, t2i_gen, tmp_path
     Generator.from_checkpoint(str(row))
 
 
+@pytest.mark.slow  # 30 s; the CLI over the t2i API tested above
 def test_sample_command_t2i_writes_a_png(t2i_root, tiny, tmp_path, capsys):
   out = tmp_path / "t2i.png"
   assert cli.main(["sample", "--workdir", str(t2i_root), "--kind", "t2i", "--prompts",

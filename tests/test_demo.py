@@ -285,6 +285,7 @@ def test_generator_api_and_sample_command_on_a_row(demo_dir, tmp_path):
   assert out.stat().st_size > 0
 
 
+@pytest.mark.slow  # 70 s in CI; `make test-slow`
 def test_pretokenize_then_train_ar_from_tokens(demo_dir, tmp_path):
   """Codes written by `vqkd data pretokenize` equal the tokenizer's codes of each view (a second
   path: the Tokenizer API on the views made here), and the AR stage trains from them."""

@@ -129,7 +129,8 @@ def _reference_gradients(c, params, model_state, batch, active):
   return jax.grad(g_loss)(params["tokenizer"]), jax.grad(d_loss)(d_params), lam
 
 
-@pytest.mark.parametrize("start,adaptive", [(0, True), (0, False), (5, True)])
+@pytest.mark.parametrize("start,adaptive", [
+    (0, True), pytest.param(0, False, marks=pytest.mark.slow), (5, True)])
 def test_one_gan_step_gradients_reach_only_their_player(start, adaptive):
   c, obj, params, model_state, batch = _vqgan_setup(start, adaptive)
   active = float(start == 0)
