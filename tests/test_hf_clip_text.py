@@ -19,6 +19,7 @@ import pytest
 from vqkd_jax.teachers import hf_checkpoint
 from vqkd_jax.teachers.hf_clip_text import load_hf_clip_text
 from vqkd_jax.teachers.text_encoders import text_tokenizer
+from torch_reference import perturbed  # tests/ is on sys.path (conftest)
 
 TOL = 1e-4
 TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -178,13 +179,6 @@ def torch():
   return torch
 
 
-def _perturbed(torch, model, scale=0.1):
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * scale)
-  return model.eval()
-
-
 def _strip_prefix(folder, prefix="text_model."):
   from safetensors.numpy import load_file, save_file
   f = folder / "model.safetensors"
@@ -220,7 +214,7 @@ def test_text_tower_matches_torch(torch, tmp_path, variant):
     model = tr.CLIPTextModel(config)
   else:
     model = tr.CLIPTextModelWithProjection(config)
-  model = _perturbed(torch, model)
+  model = perturbed(torch, model)
   model.save_pretrained(str(folder))
   write_tokenizer(folder)
   if variant == "no_prefix":
@@ -254,7 +248,7 @@ def test_msgpack_layout_matches_torch(torch, tmp_path):
   import transformers as tr
   from flax.serialization import msgpack_serialize
   from safetensors.numpy import load_file
-  model = _perturbed(torch, tr.CLIPTextModelWithProjection(tr.CLIPTextConfig(
+  model = perturbed(torch, tr.CLIPTextModelWithProjection(tr.CLIPTextConfig(
       vocab_size=len(VOCAB), eos_token_id=EOS, bos_token_id=BOS, pad_token_id=EOS, **TEXT)))
   model.save_pretrained(str(tmp_path / "pt"))
   tree = {}

@@ -20,6 +20,7 @@ import pytest
 from vqkd_jax.teachers import hf_checkpoint, hf_vit
 from vqkd_jax.teachers.hf_teachers import load_hf_teacher
 from vqkd_jax.teachers.load import load_teacher
+from torch_reference import perturbed  # tests/ is on sys.path (conftest)
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             image_size=32, patch_size=8)
@@ -51,15 +52,6 @@ def torch():
   pytest.importorskip("transformers")
   torch.manual_seed(0)
   return torch
-
-
-def perturbed(torch, model, scale=0.1):
-  """Every parameter (norm scales and biases, layer scales, registers included) moved off its
-  initial value, so that a mixed-up parameter shows; eval mode."""
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * scale)
-  return model.eval()
 
 
 def pixels(torch, images, mean, std):

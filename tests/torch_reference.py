@@ -1,4 +1,14 @@
-"""Helpers for tests that compare against PyTorch references (pytorch-fid, torchvision)."""
+"""Helpers for tests that compare against PyTorch references (pytorch-fid, torchvision,
+transformers' models)."""
+
+
+def perturbed(torch, model, scale=0.1):
+  """Every parameter (norm scales and biases, layer scales, registers included) moved off its
+  initial value, so that a mixed-up parameter shows; eval mode."""
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * scale)
+  return model.eval()
 
 
 def import_torchvision(torch):
