@@ -8,9 +8,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
+from tiny_workdir import train_tiny_cluster_tokenizer  # tests/ is on sys.path (conftest)
 
 from vqkd_jax.proposal import nar
 
@@ -276,15 +276,8 @@ def test_nar_stage_trains_through_the_loop_and_loads(tmp_path):
   from vqkd_jax.train import loop
   from vqkd_jax.train.nar import load_nar
 
-  tok = load_config("configs/demo/cluster.py:runlocal=True")
-  with tok.unlocked():
-    tok.teacher = ml_collections.ConfigDict(dict(kind="random_vit", patch_size=8, width=16, depth=1,
-                                                  num_heads=2, image_size=32, out_dim=0))
-    tok.data.synthetic = True
-    tok.total_steps = tok.checkpoint_every = 1
-    tok.model.num_codes = 32
-    tok.eval_every = 0
-  loop.train(tok, str(tmp_path / "tokenizer"))
+  # Batch 64: the runlocal Cluster config's own.
+  train_tiny_cluster_tokenizer(tmp_path / "tokenizer", patch_size=8, width=16, batch=64)
 
   c = load_config("configs/demo/nar.py:runlocal")
   with c.unlocked():

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from tiny_workdir import train_tiny_cluster_tokenizer  # tests/ is on sys.path (conftest)
 from PIL import Image
 
 from vqkd_jax.proposal import sampling
@@ -211,27 +212,12 @@ def _random_clip_workdir(workdir):
   ckpt.close()
 
 
-def _tokenizer_workdir(workdir):
-  """A 32-code Cluster tokenizer over a random ViT teacher, one step (as tests/test_nar.py)."""
-  from vqkd_jax.config import load_config
-  from vqkd_jax.train import loop
-
-  tok = load_config("configs/demo/cluster.py:runlocal=True")
-  with tok.unlocked():
-    tok.teacher = ml_collections.ConfigDict(dict(kind="random_vit", patch_size=8, width=16, depth=1,
-                                                  num_heads=2, image_size=32, out_dim=0))
-    tok.data.synthetic = True
-    tok.total_steps = tok.checkpoint_every = 1
-    tok.model.num_codes = 32
-    tok.eval_every = 0
-  loop.train(tok, workdir)
-
-
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("t2i")
   _random_clip_workdir(str(root / "clip"))
-  _tokenizer_workdir(str(root / "tokenizer"))
+  # Batch 64: the runlocal Cluster config's own.
+  train_tiny_cluster_tokenizer(root / "tokenizer", patch_size=8, width=16, batch=64)
   return {"clip": str(root / "clip"), "tokenizer": str(root / "tokenizer"), "root": root}
 
 

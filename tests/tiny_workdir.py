@@ -43,21 +43,28 @@ def train_tiny_stage(name: str, workdir: str, tokenizer_workdir: str) -> None:
   loop.train(c, str(workdir))
 
 
+def train_tiny_cluster_tokenizer(workdir: str, *, patch_size: int = 4, width: int = 32,
+                                 batch: int = 8) -> None:
+  """One step of the demo's Cluster tokenizer (32 codes, runlocal size, synthetic data) over a
+  random one-block ViT teacher of `patch_size` and `width`."""
+  from vqkd_jax.config import load_config
+  from vqkd_jax.train import loop
+
+  tok = _shrink(load_config("configs/demo/cluster.py:runlocal=True"), batch=batch)
+  with tok.unlocked():
+    tok.teacher = ml_collections.ConfigDict(dict(
+        kind="random_vit", patch_size=patch_size, width=width, depth=1, num_heads=2,
+        image_size=32, out_dim=0))
+    tok.model.num_codes = 32
+  loop.train(tok, str(workdir))
+
+
 def tiny_pipeline(tmp_path_factory):
   """A demo-style directory (tokenizer/, pixel_decoder/, ar/, nar/) of one-step stages: 32x32
   images, an 8x8 grid of 32 codes, 12 classes."""
   if "tiny" not in _BUILT:
-    from vqkd_jax.config import load_config
-    from vqkd_jax.train import loop
-
     root = tmp_path_factory.mktemp("tiny_pipeline")
-    tok = _shrink(load_config("configs/demo/cluster.py:runlocal=True"))
-    with tok.unlocked():
-      tok.teacher = ml_collections.ConfigDict(dict(
-          kind="random_vit", patch_size=4, width=32, depth=1, num_heads=2, image_size=32,
-          out_dim=0))
-      tok.model.num_codes = 32
-    loop.train(tok, str(root / "tokenizer"))
+    train_tiny_cluster_tokenizer(root / "tokenizer")
     for name in ("pixel_decoder", "ar", "nar"):
       train_tiny_stage(name, root / name, root / "tokenizer")
     _BUILT["tiny"] = root
