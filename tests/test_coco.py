@@ -132,7 +132,8 @@ def test_caption_tokens_and_the_stage_drawing_one_caption(prepared):
 def test_t2i_loss_on_coco_records(prepared, tmp_path):
   """make_objective with data.name "coco_captions": the captions come from the batch (drawn per
   example); a batch of CaptionTokens records resized to 32 px gives a finite loss near log K."""
-  from test_t2i import _random_clip_workdir, _tokenizer_workdir
+  from test_t2i import _random_clip_workdir
+  from tiny_workdir import train_tiny_cluster_tokenizer
 
   from vqkd_jax.config import load_config
   from vqkd_jax.data.augment import resize_center_crop
@@ -140,7 +141,7 @@ def test_t2i_loss_on_coco_records(prepared, tmp_path):
 
   root, _, _ = prepared
   _random_clip_workdir(str(tmp_path / "clip"))
-  _tokenizer_workdir(str(tmp_path / "tokenizer"))
+  train_tiny_cluster_tokenizer(tmp_path / "tokenizer", patch_size=8, width=16, batch=64)
   c = load_config("configs/demo/t2i.py:runlocal")
   with c.unlocked():
     c.data.name = "coco_captions"
