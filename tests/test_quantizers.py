@@ -147,6 +147,39 @@ def test_unassigned_codes_keep_their_vector():
   np.testing.assert_allclose(np.asarray(new["codebook"]["embedding"]), codes, atol=1e-6)
 
 
+def test_dead_code_restart_matches_numpy_reference():
+  # Every row lies near one of the first 4 codes: the other 12 never win an assignment. Their
+  # usage EMA (decay 0.5, starting at N / K) falls 25 -> 12.5 -> 6.25 -> 3.125 (< 4 = restart_below)
+  # at the third call, when they become rows of that batch and their EMA restarts at N / K.
+  rng = np.random.default_rng(40)
+  codes = np_normalize(data(41, n=K))
+  n = 400
+  x = [(codes[rng.integers(0, 4, n)] * 5.0 + 0.3 * rng.normal(size=(n, D))).astype(np.float32)
+       for _ in range(3)]
+  cb = CosineCodebook(K, D, decay=DECAY, restart_below=4.0, restart_decay=0.5)
+  state = {"codebook": {**state_with(codes, True)["codebook"],
+                        "usage_ema": jnp.full((K,), -1.0, jnp.float32)}}
+  want, usage = codes.astype(np.float64), np.full(K, n / K)
+  for i, xi in enumerate(x):
+    _, state = apply_train(cb, state, xi, jax.random.PRNGKey(i))
+    want, q, counts = np_ema_step(want, xi.astype(np.float64))
+    usage = 0.5 * usage + 0.5 * counts
+    got = np.asarray(state["codebook"]["embedding"])
+    dead = usage < 4.0
+    assert dead.sum() == (12 if i == 2 else 0), (i, usage)
+    np.testing.assert_allclose(got[~dead], want[~dead], atol=2e-6)
+    if dead.any():
+      x_n = np_normalize(xi.astype(np.float64))
+      # Each restarted code is one of the batch's unit rows.
+      np.testing.assert_allclose(np.max(got[dead] @ x_n.T, axis=1), 1.0, atol=1e-5)
+      usage = np.where(dead, n / K, usage)
+      want = np.where(dead[:, None], got, want)
+    np.testing.assert_allclose(np.asarray(state["codebook"]["usage_ema"]), usage, rtol=1e-6)
+  # Off (the default, upstream): no usage_ema state at all.
+  assert "usage_ema" not in nn.unbox(CosineCodebook(K, D).init(
+      {"params": jax.random.PRNGKey(0)}, jnp.asarray(x[0][:4])))["codebook"]
+
+
 def test_first_training_call_runs_kmeans_then_ema_and_flips_initialized():
   # N == K distinct random directions: whatever K rows the "codebook" RNG picks (all of them, in
   # some order), k-means keeps every vector as its own centroid and the EMA step leaves them there.

@@ -106,9 +106,18 @@ class CosineCodebook(nn.Module):
     kmeans_iters: spherical k-means iterations of the lazy init (10 upstream).
     axis_name: pmap axis to sum statistics and gather k-means features over (None under jit).
     normalize_centroid: see `ema_update` (True = upstream's code).
+    restart_below: dead-code restart (not upstream's; 0 = off, the upstream recipe). Each training
+      call keeps `usage_ema` [K], an EMA (decay `restart_decay`) of every code's count per global
+      batch, starting at N / K; after the EMA update, the codes whose usage_ema is below
+      `restart_below` are replaced by features of this global batch drawn at random (unit rows)
+      and their usage_ema is reset to N / K. Short trainings need it: the k-means init sees the
+      first batch of a random encoder, whose features later move away from most codes, which then
+      never win an assignment again (measured on the demo: 8-30% of 256 codes used).
+    restart_decay: the decay of usage_ema.
 
   State (collection "codebook"): `embedding` [K, D] unit rows (logical names codebook, code; starts
-  as normalised N(0, 1) draws from the "params" RNG), `initialized` bool scalar.
+  as normalised N(0, 1) draws from the "params" RNG), `initialized` bool scalar; with restarts,
+  `usage_ema` [K] float32.
 
   The k-means init happens at the first call with train=True (while `initialized` is False), on the
   globally gathered batch; its random choice of K rows uses the "codebook" RNG stream when one is
@@ -121,6 +130,8 @@ class CosineCodebook(nn.Module):
   kmeans_iters: int = 10
   axis_name: Any = None
   normalize_centroid: bool = True
+  restart_below: float = 0.0
+  restart_decay: float = 0.9
 
   def setup(self):
     def init_embedding():
@@ -130,6 +141,9 @@ class CosineCodebook(nn.Module):
           ("codebook", "code"))(key, (self.num_codes, self.code_dim))
     self.embedding = self.variable("codebook", "embedding", init_embedding)
     self.initialized = self.variable("codebook", "initialized", lambda: jnp.array(False))
+    if self.restart_below > 0:
+      self.usage_ema = self.variable("codebook", "usage_ema",
+                                     lambda: jnp.full((self.num_codes,), -1.0, jnp.float32))
 
   def _cross_device(self) -> bool:
     # Init runs outside pmap: there is no axis to reduce over then.
@@ -152,6 +166,27 @@ class CosineCodebook(nn.Module):
                 if self._cross_device() else x_normed)
     return spherical_kmeans(gathered, self.num_codes, self.kmeans_iters, key, init=codes)
 
+  def _restart_dead(self, codes: jax.Array, counts: jax.Array, x_normed: jax.Array,
+                    key: jax.Array) -> jax.Array:
+    """Replaces the codes whose usage EMA fell below `restart_below` by random unit features of
+    the global batch (the same on every device); updates `usage_ema`."""
+    total = jnp.sum(counts)
+    fresh = total / self.num_codes
+    old = self.usage_ema.value
+    old = jnp.where(old < 0, fresh, old)  # -1 marks "never updated"
+    usage = self.restart_decay * old + (1.0 - self.restart_decay) * counts
+    dead = usage < self.restart_below
+    k_local, k_pick = jax.random.split(key)
+    n = x_normed.shape[0]
+    rows = jax.random.randint(k_local, (self.num_codes,), 0, n)
+    candidates = x_normed[rows]
+    if self._cross_device():  # Each device proposes K rows; all devices pick the same K of them.
+      candidates = jax.lax.all_gather(candidates, self.axis_name, tiled=True)
+    pick = jax.random.permutation(k_pick, candidates.shape[0])[:self.num_codes]
+    candidates = candidates[pick]
+    self.usage_ema.value = jnp.where(dead, fresh, usage)
+    return jnp.where(dead[:, None], candidates, codes)
+
   def __call__(self, x: jax.Array, train: bool = False) -> dict:
     """x [..., D] -> dict:
       quantized [..., D]: x_n + sg(e - x_n), x_n = l2norm(x), e the (updated) code (value = e,
@@ -159,7 +194,8 @@ class CosineCodebook(nn.Module):
       indices int32 [...]: argmax cosine against the codebook before this step's update;
       commitment_loss: mean((l2norm(sg(e)) - x_n)^2) over all N * D entries (this device's rows);
       usage_counts float32 [K]: global histogram of this batch's indices.
-    train=True updates the codebook (k-means init on the first such call, then EMA)."""
+    train=True updates the codebook (k-means init on the first such call, then EMA, then the
+    dead-code restart when `restart_below` > 0)."""
     shape = x.shape[:-1]
     if x.shape[-1] != self.code_dim:
       raise ValueError(f"expected features of dim {self.code_dim}, got {x.shape}")
@@ -176,6 +212,8 @@ class CosineCodebook(nn.Module):
     if update:
       sums = self._psum(jax.ops.segment_sum(x_sg, idx, num_segments=self.num_codes))
       codes = ema_update(codes, sums, counts, self.decay, self.normalize_centroid)
+      if self.restart_below > 0:
+        codes = self._restart_dead(codes, counts, x_sg, jax.random.fold_in(key, 1))
       self.embedding.value = codes
       self.initialized.value = jnp.array(True)
     e = jax.lax.stop_gradient(jnp.take(codes, idx, axis=0))

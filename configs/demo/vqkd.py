@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       image_size=arg.image_size, patch_size=4, width=96, depth=4, num_heads=4, conv_stem=True,
       num_codes=256, code_dim=32, decoder_width=96, decoder_depth=1, decoder_heads=4,
-      teacher_dim=96))
+      teacher_dim=96, restart_below=1.0, restart_decay=0.9))
   c.optimizer = optimizer_config(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, warmup_steps=50,
                                  end_lr=1e-5)
   c.log_every = 4 if arg.runlocal else 100

@@ -38,7 +38,8 @@ class VQKDTokenizer(nn.Module):
 
   Encoder: ViT (patch_size, width, depth, num_heads; conv_stem optional) without its CLS output ->
   fc_norm LayerNorm -> task layer Dense(width)-Tanh-Dense(code_dim). Quantizer: CosineCodebook
-  (num_codes, code_dim, decay, kmeans_iters; axis_name for pmap). Feature decoder: Dense code_dim ->
+  (num_codes, code_dim, decay, kmeans_iters, restart_below / restart_decay: the dead-code restart,
+  off by default; axis_name for pmap). Feature decoder: Dense code_dim ->
   decoder_width (the 1x1 patch embedding), CLS + learned positions, decoder_depth ViT blocks
   (decoder_heads), fc_norm, Dense(decoder_width)-Tanh-Dense(teacher_dim).
 
@@ -63,6 +64,8 @@ class VQKDTokenizer(nn.Module):
   mlp_ratio: float = 4.0
   decay: float = 0.99
   kmeans_iters: int = 10
+  restart_below: float = 0.0
+  restart_decay: float = 0.9
   pos_interp_offset: float | None = 0.1
   approximate_gelu: bool = False
   dtype: Dtype = jnp.float32
@@ -78,7 +81,8 @@ class VQKDTokenizer(nn.Module):
     self.encoder_norm = layer_norm("encoder_norm", **kw)
     self.encode_task_layer = TaskLayer(self.width, self.code_dim, ("mlp", "code"), **kw)
     self.codebook = CosineCodebook(self.num_codes, self.code_dim, self.decay, self.kmeans_iters,
-                                   axis_name=self.axis_name)
+                                   axis_name=self.axis_name, restart_below=self.restart_below,
+                                   restart_decay=self.restart_decay)
     self.decoder_embed = dense(self.decoder_width, ("code", "embed"), **kw)
     g = self.image_size // self.patch_size
     init = nn.initializers.truncated_normal(0.02)
