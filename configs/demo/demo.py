@@ -58,7 +58,7 @@ ROWS = (
 # README has the figures). "gpu" is meant for one GPU.
 STEPS = {
     "default": dict(teacher_vit=300, teacher_mae=400, teacher_clip=300, teacher_dino=250,
-                    perceptual=200, evaluator=400, vqgan=300, vqkd=300, cluster=200,
+                    perceptual=200, evaluator=200, vqgan=300, vqkd=300, cluster=200,
                     pixel_decoder=300, ar=250, nar=250, t2i=250),
     "gpu": dict(teacher_vit=3000, teacher_mae=3000, teacher_clip=3000, teacher_dino=2000,
                 perceptual=2000, evaluator=2000, vqgan=5000, vqkd=4000, cluster=2000,
@@ -143,6 +143,8 @@ def get_config(arg=None):
     if r_kind != "vqgan":
       code_dim = r.tokenizer.model.code_dim if r_kind == "vqkd" else widths[teacher]
       r.pixel_decoder = finish(load("pixel_decoder.py", f"code_dim={code_dim}"), "pixel_decoder")
+      if r_kind == "vqkd":  # Unit-norm codes: entries ~1/sqrt(D); the decoder sees unit scale.
+        r.pixel_decoder.model.input_scale = float(code_dim) ** 0.5
     r.ar = finish(load("ar.py"), "ar")
     r.nar = finish(load("nar.py"), "nar")
     if with_t2i and os.path.exists(os.path.join(HERE, "t2i.py")):  # else "n/a (stage missing)"

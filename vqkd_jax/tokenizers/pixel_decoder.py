@@ -21,6 +21,8 @@ class PixelDecoder(nn.Module):
   upstream VQGAN 256, FSQ two convs); conv_in 3x3 -> width * channel_mults[0]; mid Res-Attn-Res; then per
   stage s: num_res_blocks ResBlocks at width * channel_mults[s] (each followed by attention when s is
   in attn_stages), nearest x2 + conv3x3 after every stage but the last; GroupNorm-SiLU-conv3x3.
+  input_scale multiplies the codes first (e.g. sqrt(code_dim) for unit-norm codes, whose entries
+  are ~1/sqrt(code_dim)).
   Upstream (ImageNet, 16x16 -> 256x256): width 128, channel_mults (4, 2, 2, 1, 1), num_res_blocks 3,
   attention in stage 0. Demo (8x8 -> 32x32): e.g. width 64, channel_mults (2, 1, 1), 1 block.
   """
@@ -32,6 +34,7 @@ class PixelDecoder(nn.Module):
   out_channels: int = 3
   z_channels: int = 0
   pre_decode_depth: int = 1
+  input_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -43,7 +46,7 @@ class PixelDecoder(nn.Module):
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"expected codes of dim {self.code_dim}, got {z.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = z.astype(self.dtype)
+    x = (z * self.input_scale).astype(self.dtype) if self.input_scale != 1.0 else z.astype(self.dtype)
     top = self.width * self.channel_mults[0]
     zc = self.z_channels or top
     for i in range(self.pre_decode_depth):
