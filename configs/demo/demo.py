@@ -1,7 +1,7 @@
 """The paper in a box: every tokenizer row of the paper's table, trained and measured on the
 built-in dataset with nothing downloaded.
 
-  vqkd demo --workdir runs/demo                                    # one seed, ~48 min on 2 CPU cores
+  vqkd demo --workdir runs/demo                                    # one seed, 2 CPU cores (see STEPS)
   vqkd demo --workdir runs/demo --config configs/demo/demo.py:seeds=3   # 3 seeds, verdicts with spread
   vqkd demo --workdir runs/demo_gpu --config configs/demo/demo.py:gpu   # larger study, one GPU
   vqkd demo --workdir runs/tiny --config configs/demo/demo.py:runlocal  # seconds (tests)
@@ -53,18 +53,24 @@ ROWS = (
     ("cluster", "Cluster_CLIP", ("cluster.py", ""), "teacher_clip", False),
 )
 
-# Steps and batch sizes per stage (shared keys, and row stages by kind). "default" was meant for 20
-# minutes on 2 CPU cores; measured: 48 min (34 stages of 70-305 s two at a time, report 6 min; the
-# README has the figures). "gpu" is meant for one GPU.
+# Steps and batch sizes per stage (shared keys, and row stages by kind). "default" is meant for 20
+# minutes on 2 CPU cores. Measured before the AR / NAR / T2I cut to 200 x 48 (from 250 x 64) and
+# the evaluator's to 200 steps (from 400): 48 min, about half of it beside other jobs; without them
+# the stages ran at 2-2.5 steps/s two at a time (teachers, AR, NAR at batch 64), i.e. about 37 min
+# (ETA of an unshared run). The proposal networks were 16 of the 34 stages and ~45% of the time.
+# Two stages at once give 1.4x one stage's throughput (measured: evaluator 100 steps, 29 s alone,
+# 40 s each for two together; pinning each to a core or one XLA thread each: no gain).
+# Pre-tokenising the rows' training images for AR / NAR (data.tokens_dir) saves little here:
+# AR 4.2 -> 5.7 steps/s, but the 20k images take ~40 s to encode. "gpu" is meant for one GPU.
 STEPS = {
     "default": dict(teacher_vit=300, teacher_mae=400, teacher_clip=300, teacher_dino=250,
                     perceptual=200, evaluator=200, vqgan=300, vqkd=300, cluster=200,
-                    pixel_decoder=300, ar=250, nar=250, t2i=250),
+                    pixel_decoder=300, ar=200, nar=200, t2i=200),
     "gpu": dict(teacher_vit=3000, teacher_mae=3000, teacher_clip=3000, teacher_dino=2000,
                 perceptual=2000, evaluator=2000, vqgan=5000, vqkd=4000, cluster=2000,
                 pixel_decoder=4000, ar=6000, nar=6000, t2i=6000),
 }
-BATCH = {"default": dict(vqgan=32, vqkd=32, pixel_decoder=32), "gpu": {}}
+BATCH = {"default": dict(vqgan=32, vqkd=32, pixel_decoder=32, ar=48, nar=48, t2i=48), "gpu": {}}
 GPU_BATCH = 128
 # Width of the convolutional trunks that make pixels: the VQGAN / FSQ encoder-decoder, the pixel
 # decoders of VQ-KD and Cluster codes (the same for both, so that the rows' decoders match), and
