@@ -7,6 +7,7 @@
     images = gen.sample([0, 1, 2], steps=8)
     gen = Generator.from_checkpoint("runs/demo", kind="t2i")   # text-to-image: prompts
     images = gen.sample(["a large red circle at the top left", "a blue square"], seed=0)
+    gen.proposal    # the t2i stage's network, "ar" or "nar" (NAR: steps=, choice_temperature=)
 """
 
 from __future__ import annotations
@@ -203,8 +204,9 @@ class Generator:
   """A generator: proposal network (AR, NAR or T2I) -> code indices -> pixels.
 
   `kind` is "ar" (class-conditional, autoregressive, KV-cached sampling), "nar" (class-conditional,
-  masked-token parallel decoding) or "t2i" (text-conditioned AR: a caption prefix from a frozen
-  text encoder). ar / nar sample from class labels (ints), t2i from text prompts (strings).
+  masked-token parallel decoding) or "t2i" (text-conditioned, by a frozen text encoder's caption
+  states as a prefix or through cross-attention; `proposal` says which network: "ar" or "nar", as
+  the stage's config). ar / nar sample from class labels (ints), t2i from text prompts (strings).
   The tokenizer decodes the codes itself (VQGAN, FSQ) or through its pixel decoder (VQ-KD,
   Cluster). Load with `Generator.from_checkpoint(path)`."""
 
@@ -224,10 +226,12 @@ class Generator:
       raise SamplingError(f"{proposal_workdir} holds a {self.kind!r} stage, not a proposal "
                           f"network ({', '.join(PROPOSAL_STAGES)})")
     self.text_encoder = None                         # t2i: the FrozenTextEncoder
+    self.proposal = self.kind                        # the network: "ar" or "nar"
     if self.kind == "t2i":
       self.model, self.variables, info = t2i_stage.load_t2i(
           proposal_workdir, precision, tokenizer=tokenizer, text_encoder=text_encoder)
       self.text_encoder = info["text_encoder"]
+      self.proposal = info["proposal"]
       self.num_classes = None
     else:
       if text_encoder is not None:
@@ -238,7 +242,7 @@ class Generator:
       self.num_classes = info["num_classes"]
     self.codebook_size = info["codebook_size"]
     self.grid = info["grid"]
-    self.sampling = info.get("sampling", {})          # NAR: the stage config's decoding settings
+    self.sampling = info.get("sampling", {})  # NAR (and t2i): the stage config's decoding settings
     self.tokenizer = Tokenizer(info["tokenizer"], decoder_workdir, precision)
 
   @classmethod
@@ -349,10 +353,10 @@ class Generator:
     (t2i: a list of str, as the first argument or prompts=). Each sample depends on the seed and
     its position in the list only, not on batch_size.
 
-    All kinds: cfg_scale (1 or None: no guidance), temperature (0: argmax). AR and T2I: top_k
-    (0: off), top_p (1: off). NAR: steps and choice_temperature (default: the stage config's
-    sampling group; its cfg_schedule applies). A setting the kind does not use, ints for t2i or
-    strings for ar / nar raise SamplingError."""
+    All kinds: cfg_scale (1 or None: no guidance), temperature (0: argmax). AR (and T2I with an
+    AR network): top_k (0: off), top_p (1: off). NAR (and T2I with a NAR network): steps and
+    choice_temperature (default: the stage config's sampling group; its cfg_schedule applies). A
+    setting the network does not use, ints for t2i or strings for ar / nar raise SamplingError."""
     from vqkd_jax.proposal import nar as nar_lib
     from vqkd_jax.proposal.sampling import sample as ar_sample
 
@@ -369,26 +373,22 @@ class Generator:
     if batch_size < 1:
       raise SamplingError(f"batch_size must be >= 1, got {batch_size}")
     if self.kind == "t2i":
-      if steps is not None or choice_temperature is not None:
-        raise SamplingError("steps and choice_temperature set NAR decoding; T2I (AR) sampling "
-                            "draws one token per step and does not use them")
-      return self._sample_t2i(labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, batch_size=batch_size)
+      settings = dict(cfg_scale=cfg_scale, temperature=temperature)
+      if self.proposal == "nar":
+        settings.update(self._nar_settings(top_k, top_p, steps, choice_temperature))
+      elif steps is not None or choice_temperature is not None:
+        raise SamplingError("steps and choice_temperature set NAR decoding; this T2I stage's AR "
+                            "network draws one token per step and does not use them")
+      else:
+        settings.update(top_k=top_k, top_p=top_p)
+      return self._sample_t2i(labels, seed=seed, batch_size=batch_size, **settings)
     labels = self._labels(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
       raise SamplingError(f"labels must be in [0, {self.num_classes}), got "
                           f"{labels.min()}..{labels.max()}")
     num_tokens = self.grid[0] * self.grid[1]
     if self.kind == "nar":
-      if top_k or (top_p is not None and top_p != 1.0):
-        raise SamplingError("top_k and top_p filter AR sampling; NAR decoding does not use them "
-                            "(it takes steps, temperature and choice_temperature)")
-      settings = {k: self.sampling[k] for k in ("steps", "cfg_schedule", "choice_temperature")
-                  if k in self.sampling}
-      if steps is not None:
-        settings["steps"] = steps
-      if choice_temperature is not None:
-        settings["choice_temperature"] = choice_temperature
+      settings = self._nar_settings(top_k, top_p, steps, choice_temperature)
       draw = lambda chunk, rng, start: nar_lib.sample(
           self.model, self.variables, chunk, rng=rng, cfg_scale=cfg_scale, temperature=temperature,
           example_offset=start, num_image_tokens=num_tokens, **settings)
@@ -412,10 +412,24 @@ class Generator:
     tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
     return tokens.reshape(-1, *self.grid)
 
-  def _sample_t2i(self, prompts, *, cfg_scale, temperature, top_k, top_p, seed,
-                  batch_size) -> np.ndarray:
-    """Codes [N, h, w] of text prompts: train.t2i.sample_images per chunk of batch_size, the
-    chunk's start as example_offset (so a sample does not depend on the chunking)."""
+  def _nar_settings(self, top_k, top_p, steps, choice_temperature) -> dict:
+    """NAR decoding settings: the stage config's (steps, cfg_schedule, choice_temperature) unless
+    given; top_k / top_p other than off raise SamplingError."""
+    if top_k or (top_p is not None and top_p != 1.0):
+      raise SamplingError("top_k and top_p filter AR sampling; NAR decoding does not use them "
+                          "(it takes steps, temperature and choice_temperature)")
+    settings = {k: self.sampling[k] for k in ("steps", "cfg_schedule", "choice_temperature")
+                if k in self.sampling}
+    if steps is not None:
+      settings["steps"] = steps
+    if choice_temperature is not None:
+      settings["choice_temperature"] = choice_temperature
+    return settings
+
+  def _sample_t2i(self, prompts, *, seed, batch_size, **settings) -> np.ndarray:
+    """Codes [N, h, w] of text prompts: train.t2i.sample_images (with `settings`) per chunk of
+    batch_size, the chunk's start as example_offset (so a sample does not depend on the
+    chunking)."""
     from vqkd_jax.train.t2i import sample_images
 
     ids, mask = self.encode_prompts(prompts)
@@ -430,8 +444,7 @@ class Generator:
         chunk_ids, chunk_mask = np.pad(chunk_ids, pad, "edge"), np.pad(chunk_mask, pad, "edge")
       codes = sample_images(self.model, self.variables, self.text_encoder,
                             self.text_encoder.variables, chunk_ids, chunk_mask, rng=rng,
-                            cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                            top_p=top_p, example_offset=start)
+                            example_offset=start, **settings)
       out.append(np.asarray(codes)[:m])
     num_tokens = self.grid[0] * self.grid[1]
     tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
@@ -456,10 +469,22 @@ def _check_bench_group(config) -> None:
                       f"configs/demo/nar.py and configs/imagenet/nar.py have")
 
 
-def bench_sampling(config, steps: int = 3) -> dict:
-  """Images per second of AR sampling with a randomly initialised model of config.model's size."""
+def _time_calls(run, steps: int) -> tuple[float, float]:
+  """(seconds of the first, compiling call; mean seconds of `steps` later calls) of run(seed)."""
   import time
 
+  start = time.perf_counter()
+  jax.block_until_ready(run(0))
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for i in range(steps):
+    jax.block_until_ready(run(i + 1))
+  return first, (time.perf_counter() - start) / steps
+
+
+def bench_sampling(config, steps: int = 3) -> list[dict]:
+  """Images per second of AR sampling with a randomly initialised model of config.model's size:
+  one row with config.sampling's CFG and filters, one without guidance (half the rows per step)."""
   from vqkd_jax.proposal.sampling import sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -469,33 +494,31 @@ def bench_sampling(config, steps: int = 3) -> dict:
   model = ar_stage.build_model(config.model, num_classes=config.data.num_classes,
                                codebook_size=config.bench.codebook_size,
                                num_image_tokens=num_tokens, precision=config.precision)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1 + num_tokens), jnp.int32),
-                      train=False)
+  params = jax.jit(model.init, static_argnames="train")(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False)
   labels = jnp.arange(b) % config.data.num_classes
-  run = lambda seed: sample(model, params, labels, num_image_tokens=num_tokens,
-                            num_classes=config.data.num_classes,
-                            codebook_size=config.bench.codebook_size,
-                            rng=jax.random.PRNGKey(seed), cfg_scale=config.sampling.cfg_scale,
-                            temperature=1.0, top_k=config.sampling.top_k,
-                            top_p=config.sampling.top_p)
-  jax.block_until_ready(run(0))
-  start = time.perf_counter()
-  for i in range(steps):
-    jax.block_until_ready(run(i + 1))
-  seconds = (time.perf_counter() - start) / steps
-  return {"what": "ar sampling", "device": jax.devices()[0].device_kind,
-          "precision": config.precision, "batch": b, "tokens": num_tokens,
-          "cfg": config.sampling.cfg_scale, "seconds/batch": f"{seconds:.3f}",
-          "images/s": f"{b / seconds:.0f}"}
+  rows = []
+  for cfg in dict.fromkeys((config.sampling.cfg_scale, None)):
+    run = lambda seed: sample(model, params, labels, num_image_tokens=num_tokens,
+                              num_classes=config.data.num_classes,
+                              codebook_size=config.bench.codebook_size,
+                              rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
+                              top_k=config.sampling.top_k, top_p=config.sampling.top_p)
+    compile_s, seconds = _time_calls(run, steps)
+    rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
+                 "precision": config.precision, "batch": b, "tokens": num_tokens,
+                 "cfg": cfg or "off", "top_k": config.sampling.top_k,
+                 "top_p": config.sampling.top_p, "first call s": f"{compile_s:.1f}",
+                 "seconds/batch": f"{seconds:.3f}", "images/s": f"{b / seconds:.0f}"})
+  return rows
 
 
-def bench_nar_sampling(config, steps: int = 3) -> dict:
+def bench_nar_sampling(config, steps: int = 3) -> list[dict]:
   """Images per second of parallel (masked-token) decoding with a randomly initialised NAR model of
-  config.model's size: config.sampling.steps decoding steps, batch config.bench.batch_size, CFG as
-  config.sampling (the conditional and unconditional halves in one forward of twice the batch).
-  `steps` timed calls after a compiling one. TFLOP/s from the model FLOPs of the whole call."""
-  import time
-
+  config.model's size: config.sampling.steps decoding steps, batch config.bench.batch_size; one
+  row with config.sampling's CFG (the conditional and unconditional halves in one forward of twice
+  the batch), one without (as the MaskGIT decoder it is compared with). `steps` timed calls after
+  a compiling one. TFLOP/s from the model FLOPs of the whole call."""
   import flax.linen as nn
 
   from vqkd_jax.bench import step_flops
@@ -512,17 +535,17 @@ def bench_nar_sampling(config, steps: int = 3) -> dict:
   params = nn.meta.unbox(params["params"])
   s = config.sampling
   labels = jnp.arange(b) % config.data.num_classes
-  run = lambda rng: nar_lib.sample(model, params, labels, rng=rng, steps=s.steps,
-                                   cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
-                                   temperature=s.temperature,
-                                   choice_temperature=s.choice_temperature)
-  jax.block_until_ready(run(jax.random.PRNGKey(0)))
-  start = time.perf_counter()
-  for i in range(steps):
-    jax.block_until_ready(run(jax.random.PRNGKey(i + 1)))
-  seconds = (time.perf_counter() - start) / steps
-  tflops = step_flops(run, jax.random.PRNGKey(0)) / seconds / 1e12
-  return {"what": "nar sampling", "device": jax.devices()[0].device_kind,
-          "precision": config.precision, "batch": b, "tokens": num_tokens,
-          "decoding_steps": s.steps, "cfg": s.cfg_scale, "seconds/batch": f"{seconds:.3f}",
-          "images/s": f"{b / seconds:.0f}", "TFLOP/s": f"{tflops:.3g}"}
+  rows = []
+  for cfg in dict.fromkeys((s.cfg_scale, None)):
+    run = lambda seed: nar_lib.sample(model, params, labels, rng=jax.random.PRNGKey(seed),
+                                      steps=s.steps, cfg_scale=cfg, cfg_schedule=s.cfg_schedule,
+                                      temperature=s.temperature,
+                                      choice_temperature=s.choice_temperature)
+    compile_s, seconds = _time_calls(run, steps)
+    tflops = step_flops(run, 0) / seconds / 1e12
+    rows.append({"what": "nar sampling", "device": jax.devices()[0].device_kind,
+                 "precision": config.precision, "batch": b, "tokens": num_tokens,
+                 "decoding_steps": s.steps, "cfg": cfg or "off",
+                 "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
+                 "images/s": f"{b / seconds:.0f}", "TFLOP/s": f"{tflops:.3g}"})
+  return rows

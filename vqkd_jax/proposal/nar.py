@@ -26,6 +26,13 @@ guided, tempered distribution) + tau_t Gumbel with tau_t = choice_temperature (1
 (MAGE's annealing) and re-masks the least confident ones so that `mask_schedule(N, T)[t]` stay
 masked. Example i draws from fold_in(fold_in(rng, example_offset + i), t): a sample depends on the
 seed and its index only.
+
+Text conditioning (proposal/t2i.TextConditionedNAR): num_classes = 0 (image code t has id 1 + t,
+[MASK] is 1 + K; id 0, the null class of that layout, is unused) and `prefix` embeddings [B, P,
+width] take the class token's place ahead of the image tokens (the caption's projected states, or
+one learned start embedding when the blocks cross-attend to a `context` [B, L, width] under its
+padding mask: `cross_attention=True`). `sample_from_prefix` decodes from them as `sample` does,
+with guidance rows [prefix; uncond_prefix] (and [context; uncond_context]).
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ import numpy as np
 import optax
 
 from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
+from vqkd_jax.nn.cross_attention import CrossAttention
 from vqkd_jax.nn.vit import Mlp, layer_norm
 from vqkd_jax.proposal.ar import class_token_ids, image_token_offset, null_class_id
-from vqkd_jax.proposal.sampling import cfg_combine
+from vqkd_jax.proposal.sampling import _context_rows, _prefix_rows, cast_floats, cfg_combine
 
 Dtype = Any
 
@@ -77,14 +85,21 @@ def random_mask(rng: jax.Array, batch: int, num_tokens: int) -> jax.Array:
   return rank < count[:, None]
 
 
+def masked_image_ids(codes: jax.Array, mask: jax.Array, num_classes: int,
+                     codebook_size: int) -> jax.Array:
+  """codes [B, N] (or [B, h, w]) in [0, K), mask bool [B, N] (True = masked) -> int32 [B, N]: the
+  image ids (code + num_classes + 1), [MASK] where masked."""
+  codes = jnp.asarray(codes).reshape(codes.shape[0], -1).astype(jnp.int32)
+  return jnp.where(mask, mask_token_id(num_classes, codebook_size),
+                   codes + image_token_offset(num_classes))
+
+
 def masked_sequence(labels: jax.Array, codes: jax.Array, mask: jax.Array, num_classes: int,
                     codebook_size: int, drop_prob: float = 0.0,
                     rng: jax.Array | None = None) -> jax.Array:
   """labels [B], codes [B, N] (or [B, h, w]) in [0, K), mask bool [B, N] (True = masked) ->
   int32 [B, 1 + N]: [class or null (probability drop_prob)] + image ids, [MASK] where masked."""
-  codes = jnp.asarray(codes).reshape(codes.shape[0], -1).astype(jnp.int32)
-  ids = jnp.where(mask, mask_token_id(num_classes, codebook_size),
-                  codes + image_token_offset(num_classes))
+  ids = masked_image_ids(codes, mask, num_classes, codebook_size)
   cls = class_token_ids(labels, num_classes, drop_prob, rng)
   return jnp.concatenate([cls[:, None], ids], axis=1)
 
@@ -115,7 +130,9 @@ def masked_token_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array,
 
 class NARBlock(nn.Module):
   """Pre-LN bidirectional block: x + Drop(Attn(LN(x))), x + Drop(MLP(LN(x))). [B, L, D] -> same.
-  No attention mask, so `attention="auto"` runs cuDNN's fused kernel on GPU in bfloat16."""
+  No attention mask, so `attention="auto"` runs cuDNN's fused kernel on GPU in bfloat16.
+  cross_attention: x + Drop(CrossAttn(LN(x), context)) between the two, over a context [B, Lc, D]
+  with its padding mask [B, Lc]."""
   num_heads: int
   mlp_dim: int
   out_init_std: float = 0.02
@@ -124,14 +141,22 @@ class NARBlock(nn.Module):
   approximate_gelu: bool = True
   attention: str = "auto"
   dtype: Dtype = jnp.float32
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
     h = layer_norm("norm1", self.dtype, self.norm_eps)(x)
     h = MultiHeadAttention(self.num_heads, out_init_std=self.out_init_std, dtype=self.dtype,
                            implementation=self.attention, name="attn")(h)
     x = x + drop(h)
+    if self.cross_attention:
+      h = layer_norm("norm_cross", self.dtype, self.norm_eps)(x)
+      h, _ = CrossAttention(self.num_heads, out_init_std=self.out_init_std,
+                            implementation=self.attention, dtype=self.dtype, name="cross_attn")(
+                                h, context, context_mask)
+      x = x + drop(h)
     h = layer_norm("norm2", self.dtype, self.norm_eps)(x)
     h = Mlp(self.mlp_dim, out_init_std=self.out_init_std, approximate_gelu=self.approximate_gelu,
             dtype=self.dtype, name="mlp")(h)
@@ -141,6 +166,9 @@ class NARBlock(nn.Module):
 class NARTransformer(nn.Module):
   """Bidirectional transformer over [class] + image tokens: tokens int [B, 1 + N] -> logits float32
   [B, N, codebook_size] at the image positions (see the module docstring for the id layout).
+  With `prefix` [B, P, width] (text conditioning) the tokens are the N image ids alone, placed
+  after the prefix; with cross_attention the blocks also attend to `context` [B, L, width]
+  (`context_mask` bool [B, L], None: all real).
 
   Attributes:
     num_classes, codebook_size: C and K (vocabulary C + K + 2, head K).
@@ -152,6 +180,7 @@ class NARTransformer(nn.Module):
     attention: "xla" | "cudnn" | "auto" (cuDNN on GPU in bfloat16/float16), as the AR model.
     remat: recompute each block's activations in the backward pass.
     dtype: computation dtype (parameters float32; logits always float32).
+    cross_attention: a cross-attention sublayer in every block (text conditioning).
   """
   num_classes: int
   codebook_size: int
@@ -166,29 +195,39 @@ class NARTransformer(nn.Module):
   attention: str = "auto"
   remat: bool = False
   dtype: Dtype = jnp.float32
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, train: bool = False, prefix: jax.Array | None = None,
+               context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-    t = tokens.shape[1]
-    if t > self.seq_len:
-      raise ValueError(f"{t} tokens do not fit seq_len {self.seq_len}")
+    if self.cross_attention != (context is not None):
+      raise ValueError("a cross-attention NARTransformer needs a context, and only it takes one")
     x = nn.Embed(vocab_size(self.num_classes, self.codebook_size), self.width, dtype=self.dtype,
                  name="token_embed",
                  embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))(
                      tokens)
+    lead = 1                                           # the class token
+    if prefix is not None:
+      x, lead = jnp.concatenate([prefix.astype(x.dtype), x], axis=1), prefix.shape[1]
+    t = x.shape[1]
+    if t > self.seq_len:
+      raise ValueError(f"{t} positions do not fit seq_len {self.seq_len}")
     pos = self.param("pos_embed", nn.with_logical_partitioning(dense_init(), (None, "embed")),
                      (self.seq_len, self.width))
     x = x + pos[:t].astype(x.dtype)[None]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    block = nn.remat(NARBlock, static_argnums=(2,)) if self.remat else NARBlock  # (self, x, train)
+    # (self, x, train, context, context_mask)
+    block = nn.remat(NARBlock, static_argnums=(2,)) if self.remat else NARBlock
     std = 0.02 / math.sqrt(2 * self.depth)            # GPT-2's scaled residual projections
     for i in range(self.depth):
       x = block(self.num_heads, int(self.mlp_ratio * self.width), std, self.dropout,
                 self.norm_eps, self.approximate_gelu, self.attention, self.dtype,
-                name=f"block{i}")(x, train)
-    x = layer_norm("norm_out", self.dtype, self.norm_eps)(x[:, 1:])
+                cross_attention=self.cross_attention, name=f"block{i}")(
+                    x, train, context, context_mask)
+    x = layer_norm("norm_out", self.dtype, self.norm_eps)(x[:, lead:])
     # Operands in the computation dtype, logits accumulated and returned in float32.
     kernel = self.param("head", nn.with_logical_partitioning(dense_init(), ("embed", "vocab")),
                         (self.width, self.codebook_size))
@@ -246,14 +285,6 @@ def _variables(params):
   return params if "params" in params else {"params": params}
 
 
-def _cast_floats(tree, dtype):
-  """Floating leaves to `dtype` once, before the decoding loop (not once per step)."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return tree
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
-
-
 def _decode_step(logits, codes, known, keys, remaining, scale, gumbel_temp, *, batch, cfg,
                  temperature):
   """One decoding step on the model's logits [rows, N, K] (rows [cond; uncond] with CFG):
@@ -277,18 +308,12 @@ def _decode_step(logits, codes, known, keys, remaining, scale, gumbel_temp, *, b
   return drawn, rank >= remaining
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "num_image_tokens", "num_classes", "codebook_size", "steps", "cfg_scale",
-    "cfg_schedule", "temperature", "choice_temperature", "return_history"))
-def _sample(model, variables, labels, rng, example_offset, *, num_image_tokens, num_classes,
-            codebook_size, steps, cfg_scale, cfg_schedule, temperature, choice_temperature,
-            return_history):
-  b, n = labels.shape[0], num_image_tokens
+def _decode(logits_fn, b, rng, example_offset, *, num_image_tokens, num_classes, codebook_size,
+            steps, cfg_scale, cfg_schedule, temperature, choice_temperature, return_history):
+  """The decoding scan for b examples; logits_fn(image ids [rows, N]) -> logits [rows, N, K] (rows
+  [cond; uncond] with guidance)."""
+  n = num_image_tokens
   cfg = cfg_scale is not None
-  variables = _cast_floats(variables, model.dtype)
-  cls = labels.astype(jnp.int32)
-  if cfg:
-    cls = jnp.concatenate([cls, jnp.full_like(cls, null_class_id(num_classes))])
   lo, mask_id = image_token_offset(num_classes), mask_token_id(num_classes, codebook_size)
   example_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_offset + jnp.arange(b))
 
@@ -298,7 +323,7 @@ def _sample(model, variables, labels, rng, example_offset, *, num_image_tokens, 
     ids = jnp.where(known, codes + lo, mask_id)
     if cfg:
       ids = jnp.concatenate([ids, ids])
-    logits = model.apply(variables, jnp.concatenate([cls[:, None], ids], axis=1))
+    logits = logits_fn(ids)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(example_keys)
     codes, known = _decode_step(logits, codes, known, keys, remaining, scale, gumbel_temp,
                                 batch=b, cfg=cfg, temperature=temperature)
@@ -310,6 +335,40 @@ def _sample(model, variables, labels, rng, example_offset, *, num_image_tokens, 
   init = (jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool))
   (codes, _), history = jax.lax.scan(body, init, xs)
   return (codes, history) if return_history else codes
+
+
+_STATIC = ("model", "num_image_tokens", "num_classes", "codebook_size", "steps", "cfg_scale",
+           "cfg_schedule", "temperature", "choice_temperature", "return_history")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample(model, variables, labels, rng, example_offset, **static):
+  variables = cast_floats(variables, model.dtype)
+  cls = labels.astype(jnp.int32)
+  if static["cfg_scale"] is not None:
+    cls = jnp.concatenate([cls, jnp.full_like(cls, null_class_id(static["num_classes"]))])
+  logits_fn = lambda ids: model.apply(variables, jnp.concatenate([cls[:, None], ids], axis=1))
+  return _decode(logits_fn, labels.shape[0], rng, example_offset, **static)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_prefix(model, variables, prefix, context, context_mask, rng, example_offset,
+                   **static):
+  variables = cast_floats(variables, model.dtype)
+  rows = prefix.shape[0] // (2 if static["cfg_scale"] is not None else 1)
+  logits_fn = lambda ids: model.apply(variables, ids, prefix=prefix, context=context,
+                                      context_mask=context_mask)
+  return _decode(logits_fn, rows, rng, example_offset, **static)
+
+
+def _static(model, n, steps, cfg_scale, cfg_schedule, temperature, choice_temperature,
+            return_history) -> dict:
+  guided = cfg_scale is not None and float(cfg_scale) != 1.0
+  return dict(num_image_tokens=n, num_classes=model.num_classes,
+              codebook_size=model.codebook_size, steps=int(steps),
+              cfg_scale=float(cfg_scale) if guided else None, cfg_schedule=cfg_schedule,
+              temperature=float(temperature), choice_temperature=float(choice_temperature),
+              return_history=return_history)
 
 
 def sample(model: NARTransformer, params, labels, *, rng: jax.Array, steps: int = 8,
@@ -330,10 +389,33 @@ def sample(model: NARTransformer, params, labels, *, rng: jax.Array, steps: int 
   n = model.seq_len - 1 if num_image_tokens is None else int(num_image_tokens)
   if n + 1 > model.seq_len:
     raise ValueError(f"{n} image tokens do not fit seq_len {model.seq_len}")
-  guided = cfg_scale is not None and float(cfg_scale) != 1.0
   return _sample(model, _variables(params), jnp.asarray(labels, jnp.int32), rng,
-                 jnp.asarray(example_offset, jnp.int32), num_image_tokens=n,
-                 num_classes=model.num_classes, codebook_size=model.codebook_size,
-                 steps=int(steps), cfg_scale=float(cfg_scale) if guided else None,
-                 cfg_schedule=cfg_schedule, temperature=float(temperature),
-                 choice_temperature=float(choice_temperature), return_history=return_history)
+                 jnp.asarray(example_offset, jnp.int32),
+                 **_static(model, n, steps, cfg_scale, cfg_schedule, temperature,
+                           choice_temperature, return_history))
+
+
+def sample_from_prefix(model: NARTransformer, params, prefix, *, rng: jax.Array,
+                       uncond_prefix=None, context=None, context_mask=None, uncond_context=None,
+                       steps: int = 8, cfg_scale: float | None = 1.75,
+                       cfg_schedule: str = "constant", temperature: float = 1.0,
+                       choice_temperature: float = 4.5, example_offset: int = 0,
+                       return_history: bool = False):
+  """Image code indices int32 [B, N] in [0, K) after prefix embeddings [B, P, width] (text
+  conditioning; N = model.seq_len - P), decoded as `sample` does.
+
+  uncond_prefix: [P, width] (or [B, P, width]), the guidance rows' prefix (the learned null
+  prefix, or the start embedding); cross-attention models: context [B, L, width], context_mask
+  bool [B, L] (None: all real) and uncond_context [L, width] (all real). The unconditional parts
+  are needed unless cfg_scale is None or 1. Other arguments as `sample`."""
+  prefix = jnp.asarray(prefix)
+  if prefix.ndim != 3 or prefix.shape[-1] != model.width:
+    raise ValueError(f"prefix must be [B, P, {model.width}], got {prefix.shape}")
+  static = _static(model, model.seq_len - prefix.shape[1], steps, cfg_scale, cfg_schedule,
+                   temperature, choice_temperature, return_history)
+  cfg = static["cfg_scale"] is not None
+  rows = _prefix_rows(prefix, None if uncond_prefix is None else jnp.asarray(uncond_prefix,
+                                                                             prefix.dtype), cfg)
+  context, context_mask = _context_rows(context, context_mask, uncond_context, cfg)
+  return _sample_prefix(model, _variables(params), rows, context, context_mask, rng,
+                        jnp.asarray(example_offset, jnp.int32), **static)

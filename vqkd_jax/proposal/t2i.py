@@ -1,18 +1,32 @@
-"""Text-conditioned AR transformer: caption states as prefix tokens ahead of the image tokens.
+"""Text-conditioned proposal networks over image codes: the caption's states condition an AR
+(TextConditionedAR) or a masked-token NAR (TextConditionedNAR) transformer, by prefix tokens or by
+cross-attention.
 
 Upstream releases no text-to-image model (upstream.md §5.7: X2I is a generic "condition tokens +
 image tokens" base whose only subclass is class-conditional); this follows its layout with a text
 condition in place of the class token. A frozen text encoder gives per-token hidden states
-[B, L, Dt] and a padding mask [B, L]; a learned linear projection maps them to L prefix embeddings
-of the transformer's width, padded positions replaced by a learned `pad_embed` (they then carry
-no caption content, and no attention mask is needed: the cuDNN causal kernel and the KV cache stay
-as they are). Sequence: [L prefix embeddings] + image tokens 0 .. N-2 (raster order); causal
-attention over all of it, so every image token sees the whole caption. The logits at positions
-L-1 .. L+N-2 predict image tokens 0 .. N-1; the vocabulary is the codebook alone (token t has id t).
+[B, L, Dt] and a padding mask [B, L]; a learned linear projection maps them to the transformer's
+width. Then (`conditioning`):
 
-Classifier-free guidance: with probability `drop_prob` per example the whole prefix is replaced by a
-learned null prefix [L, width] (`null_prefix`); sampling (proposal/sampling.sample_from_prefix)
-guides with the rows [caption prefix; null prefix].
+  "prefix"           the L projected states are prefix embeddings ahead of the image tokens,
+                     padded positions replaced by a learned `pad_embed` (they then carry no caption
+                     content, and no attention mask is needed: the cuDNN kernels and the KV cache
+                     stay as they are).
+  "cross_attention"  every block cross-attends to the L projected states (`context`) under the
+                     caption's padding mask; the sequence starts with one learned `start_embed`
+                     (the class token's place). AR decoding computes the context's keys / values
+                     once, into the KV cache.
+
+AR (TextConditionedAR): [prefix] + image tokens 0 .. N-2 (raster order), causal attention over all
+of it, so every image token sees the whole condition; the logits at positions P-1 .. P+N-2 (P the
+prefix length: L, or 1) predict image tokens 0 .. N-1; the vocabulary is the codebook alone (token
+t has id t). NAR (TextConditionedNAR): [prefix] + N image ids in the NAR's layout with no classes
+(code t has id 1 + t, [MASK] is 1 + K), bidirectional; logits at the N image positions.
+
+Classifier-free guidance: with probability `drop_prob` per example the caption is replaced by a
+learned null condition of L embeddings (`null_prefix`, or `null_context` whose L tokens are all
+real); sampling guides with the rows [caption; null] (proposal/sampling.sample_from_prefix for the
+AR, proposal/nar.sample_from_prefix for the NAR; `sampling_inputs` gives their arguments).
 """
 
 from __future__ import annotations
@@ -24,6 +38,9 @@ import optax
 
 from vqkd_jax.nn.attention import dense_init
 from vqkd_jax.proposal.ar import ARTransformer
+from vqkd_jax.proposal.nar import NARTransformer
+
+CONDITIONINGS = ("prefix", "cross_attention")
 
 
 def caption_dropout(rng: jax.Array, batch_size: int, drop_prob: float) -> jax.Array:
@@ -40,63 +57,141 @@ def image_token_nll(logits: jax.Array, image_tokens: jax.Array) -> jax.Array:
                                                          image_tokens.astype(jnp.int32))
 
 
-class TextConditionedAR(nn.Module):
-  """Text states -> prefix embeddings -> ARTransformer over image codes.
+class TextConditioned(nn.Module):
+  """The text condition of TextConditionedAR / TextConditionedNAR (they add `__call__`).
 
   Attributes:
-    transformer: the ARTransformer (vocab_size = K codes, seq_len = text_length + N image tokens),
-      a submodule: its parameters are params["transformer"] and sampling runs it directly.
-    text_length: L, the text encoder's context length (the prefix length).
+    transformer: the ARTransformer or NARTransformer, a submodule (params["transformer"]);
+      cross_attention=True for conditioning "cross_attention".
+    text_length: L, the text encoder's context length.
+    conditioning: "prefix" or "cross_attention" (module docstring).
 
-  Parameters besides the transformer's: prefix_proj (Dt -> width, initialised so that the prefix
-  starts at the token embeddings' scale, std 0.02 per component for unit-variance text states),
-  pad_embed [width], null_prefix [L, width].
+  Parameters besides the transformer's: the projection Dt -> width (`prefix_proj` or
+  `context_proj`, initialised so that its outputs start at the token embeddings' scale, std 0.02
+  per component for unit-variance text states), the null condition [L, width] (`null_prefix` or
+  `null_context`), and `pad_embed` [width] (prefix) or `start_embed` [1, width] (cross-attention).
 
-  __call__(text_states [B, L, Dt], text_mask bool [B, L], image_tokens int [B, N] (or [B, h, w]),
-    drop bool [B] or None, train) -> logits float32 [B, N, K] predicting image_tokens (teacher
-    forcing: image token i is predicted from the prefix and tokens < i).
-  prefix(text_states, text_mask, drop=None) -> [B, L, width] (what the sampler starts from).
-  unconditional_prefix() -> [L, width] (the learned null prefix).
+  prefix(text_states, text_mask, drop=None) -> [B, P, width], P = num_prefix (L, or 1).
+  context(text_states, text_mask, drop=None) -> (context [B, L, width], mask bool [B, L]) for
+    cross-attention, (None, None) for a prefix.
+  unconditional_prefix() -> [P, width]; unconditional_context() -> [L, width] or None.
+  sampling_inputs(text_states, text_mask) -> the sampler's keyword arguments (prefix,
+    uncond_prefix, context, context_mask, uncond_context).
+  drop: bool [B] or None, which examples get the null condition.
   """
-  transformer: ARTransformer
+  transformer: nn.Module
   text_length: int
+  conditioning: str = "prefix"
 
   def setup(self):
+    if self.conditioning not in CONDITIONINGS:
+      raise ValueError(f"unknown conditioning {self.conditioning!r}: one of {CONDITIONINGS}")
+    if self.transformer.cross_attention != self.cross_attends:
+      raise ValueError(f"conditioning {self.conditioning!r} needs a transformer with "
+                       f"cross_attention={self.cross_attends}")
     width, dtype = self.transformer.width, self.transformer.dtype
-    self.prefix_proj = nn.Dense(
-        width, dtype=dtype,
+    name = "prefix" if not self.cross_attends else "context"
+    self.text_proj = nn.Dense(
+        width, dtype=dtype, name=f"{name}_proj",
         kernel_init=nn.with_logical_partitioning(_fan_in_init(0.02), ("mlp", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
-    self.pad_embed = self.param("pad_embed", nn.with_logical_partitioning(dense_init(), ("embed",)),
-                                (width,))
-    self.null_prefix = self.param("null_prefix",
-                                  nn.with_logical_partitioning(dense_init(), (None, "embed")),
-                                  (self.text_length, width))
+    self.null_text = self.param(f"null_{name}",
+                                nn.with_logical_partitioning(dense_init(), (None, "embed")),
+                                (self.text_length, width))
+    if self.cross_attends:
+      self.start_embed = self.param(
+          "start_embed", nn.with_logical_partitioning(dense_init(), (None, "embed")), (1, width))
+    else:
+      self.pad_embed = self.param(
+          "pad_embed", nn.with_logical_partitioning(dense_init(), ("embed",)), (width,))
+
+  @property
+  def cross_attends(self) -> bool:
+    return self.conditioning == "cross_attention"
+
+  @property
+  def num_prefix(self) -> int:
+    return 1 if self.cross_attends else self.text_length
 
   @property
   def num_image_tokens(self) -> int:
-    return self.transformer.seq_len - self.text_length
+    return self.transformer.seq_len - self.num_prefix
 
-  def prefix(self, text_states: jax.Array, text_mask: jax.Array,
-             drop: jax.Array | None = None) -> jax.Array:
+  def _project(self, text_states):
     if text_states.shape[1] != self.text_length:
       raise ValueError(f"text states of length {text_states.shape[1]}, the model was built for "
                        f"{self.text_length}")
-    x = self.prefix_proj(text_states.astype(self.transformer.dtype))
+    return self.text_proj(text_states.astype(self.transformer.dtype))
+
+  def prefix(self, text_states: jax.Array, text_mask: jax.Array,
+             drop: jax.Array | None = None) -> jax.Array:
+    if self.cross_attends:
+      b = text_states.shape[0]
+      return jnp.broadcast_to(self.start_embed.astype(self.transformer.dtype),
+                              (b, *self.start_embed.shape))
+    x = self._project(text_states)
     x = jnp.where(text_mask[..., None], x, self.pad_embed.astype(x.dtype))
     if drop is not None:
-      x = jnp.where(drop[:, None, None], self.null_prefix.astype(x.dtype), x)
+      x = jnp.where(drop[:, None, None], self.null_text.astype(x.dtype), x)
     return x
 
+  def context(self, text_states: jax.Array, text_mask: jax.Array,
+              drop: jax.Array | None = None):
+    if not self.cross_attends:
+      return None, None
+    x, mask = self._project(text_states), text_mask.astype(bool)
+    if drop is not None:
+      x = jnp.where(drop[:, None, None], self.null_text.astype(x.dtype), x)
+      mask = mask | drop[:, None]
+    return x, mask
+
   def unconditional_prefix(self) -> jax.Array:
-    return self.null_prefix
+    return self.start_embed if self.cross_attends else self.null_text
+
+  def unconditional_context(self) -> jax.Array | None:
+    return self.null_text if self.cross_attends else None
+
+  def sampling_inputs(self, text_states: jax.Array, text_mask: jax.Array) -> dict:
+    context, context_mask = self.context(text_states, text_mask)
+    return {"prefix": self.prefix(text_states, text_mask),
+            "uncond_prefix": self.unconditional_prefix(), "context": context,
+            "context_mask": context_mask, "uncond_context": self.unconditional_context()}
+
+
+class TextConditionedAR(TextConditioned):
+  """Text states -> condition -> ARTransformer over image codes (vocab_size = K codes, seq_len =
+  num_prefix + N image tokens); see TextConditioned for the attributes and methods.
+
+  __call__(text_states [B, L, Dt], text_mask bool [B, L], image_tokens int [B, N] (or [B, h, w]),
+    drop bool [B] or None, train) -> logits float32 [B, N, K] predicting image_tokens (teacher
+    forcing: image token i is predicted from the condition and tokens < i).
+  """
 
   def __call__(self, text_states: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
                drop: jax.Array | None = None, train: bool = False) -> jax.Array:
     image_tokens = image_tokens.reshape(image_tokens.shape[0], -1).astype(jnp.int32)
-    prefix = self.prefix(text_states, text_mask, drop)
-    logits = self.transformer(image_tokens[:, :-1], train=train, prefix=prefix)
-    return logits[:, self.text_length - 1:]
+    context, context_mask = self.context(text_states, text_mask, drop)
+    logits = self.transformer(image_tokens[:, :-1], train=train,
+                              prefix=self.prefix(text_states, text_mask, drop), context=context,
+                              context_mask=context_mask)
+    return logits[:, self.num_prefix - 1:]
+
+
+class TextConditionedNAR(TextConditioned):
+  """Text states -> condition -> NARTransformer (num_classes 0, seq_len = num_prefix + N) over
+  masked image ids; see TextConditioned for the attributes and methods.
+
+  __call__(text_states [B, L, Dt], text_mask bool [B, L], image_ids int [B, N] (nar.
+    masked_image_ids(codes, mask, 0, K): code t -> 1 + t, [MASK] = 1 + K), drop bool [B] or None,
+    train) -> logits float32 [B, N, K] at every image position.
+  """
+
+  def __call__(self, text_states: jax.Array, text_mask: jax.Array, image_ids: jax.Array,
+               drop: jax.Array | None = None, train: bool = False) -> jax.Array:
+    context, context_mask = self.context(text_states, text_mask, drop)
+    return self.transformer(image_ids.astype(jnp.int32), train=train,
+                            prefix=self.prefix(text_states, text_mask, drop), context=context,
+                            context_mask=context_mask)
 
 
 def _fan_in_init(std: float):

@@ -34,6 +34,16 @@ def build_model(model_cfg, *, num_classes: int, codebook_size: int, num_image_to
                 ) -> ar_lib.ARTransformer:
   """The ARTransformer of config.model over [class] + num_image_tokens image tokens. `grid` (h, w)
   of the image tokens is what rope="2d" rotates by (default: square)."""
+  return ar_lib.ARTransformer(vocab_size=num_classes + 1 + codebook_size,
+                              seq_len=1 + num_image_tokens,
+                              **transformer_fields(model_cfg, num_image_tokens, grid),
+                              dtype=compute_dtype(precision))
+
+
+def transformer_fields(model_cfg, num_image_tokens: int,
+                       grid: tuple[int, int] | None = None) -> dict:
+  """config.model's ARTransformer fields; with rope="2d" the `grid` (h, w) of the image tokens
+  (the config's own, else `grid`, else square) as a tuple of ints."""
   fields = dict(model_cfg)
   if fields.get("rope") == "2d":
     side = math.isqrt(num_image_tokens)
@@ -41,9 +51,7 @@ def build_model(model_cfg, *, num_classes: int, codebook_size: int, num_image_to
     if h * w != num_image_tokens:
       raise ValueError(f"{num_image_tokens} image tokens are not a {h}x{w} grid")
     fields["grid"] = (int(h), int(w))     # a tuple: the model is hashed as a static argument
-  return ar_lib.ARTransformer(vocab_size=num_classes + 1 + codebook_size,
-                              seq_len=1 + num_image_tokens, **fields,
-                              dtype=compute_dtype(precision))
+  return fields
 
 
 def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:

@@ -1,11 +1,20 @@
-"""Stage "t2i": a text-conditioned autoregressive transformer over caption prefix + image tokens.
+"""Stage "t2i": a text-conditioned transformer over image tokens, autoregressive or masked-token.
 
 A frozen text encoder (teachers/text_encoders.py; config.text_encoder.kind "in_the_box", the
 caption tower of a teacher_clip stage, or "hf_clip", a Hugging Face CLIP text tower) maps each
-caption to per-token states [B, L, Dt] and a padding mask; proposal/t2i.TextConditionedAR projects
-them to a prefix of L embeddings ahead of the image tokens (layout and CFG in that module). With
-probability config.caption_dropout per example the prefix is the learned null prefix (classifier-
-free guidance). Loss: cross-entropy of the image tokens only (the vocabulary is the codebook).
+caption to per-token states [B, L, Dt] and a padding mask; proposal/t2i projects them to the
+transformer's width (layouts and CFG in that module):
+
+  config.proposal      "ar" (TextConditionedAR: next-token cross-entropy of the image tokens, the
+                       vocabulary the codebook) or "nar" (TextConditionedNAR: MaskGIT / MAGE
+                       masking as the nar stage, cross-entropy on the masked tokens with
+                       config.label_smoothing, parallel decoding)
+  config.conditioning  "prefix" (L prefix embeddings ahead of the image tokens) or
+                       "cross_attention" (every block attends to the L projected states under the
+                       caption's padding mask)
+
+With probability config.caption_dropout per example the caption is the learned null condition
+(classifier-free guidance). rope="2d" (Llama flavour of the AR) rotates by the tokenizer's grid.
 
 Image tokens come from the frozen tokenizer (config.tokenizer_workdir) on the fly, or from a
 pre-tokenised directory (config.data.tokens_dir) when its batches carry the captions. Captions:
@@ -14,9 +23,11 @@ built-in dataset's batches carry no strings, so each image is captioned from its
 segmentation by the dataset's caption grammar (teachers/in_the_box_captions, as the teacher_clip
 stage does), the 324 possible captions tokenised once by the text encoder's tokenizer.
 
-evaluate(): eval/perplexity (exp of the mean image-token NLL on the validation split, teacher-
-forced with each image's own caption), eval/perplexity_null_caption (the same with the null prefix:
-the gap is what the captions tell the model), and a sample grid samples_<step>.png (real validation
+evaluate(): AR: eval/perplexity (exp of the mean image-token NLL on the validation split, teacher-
+forced with each image's own caption), eval/perplexity_null_caption (the same with the null
+condition: the gap is what the captions tell the model); NAR: eval/masked_accuracy,
+eval/masked_perplexity and eval/masked_perplexity_null_caption (masks of the training distribution
+from a fixed key); both: a sample grid samples_<step>.png (real validation
 images above images generated from their captions with config.sampling) with the captions in
 samples_<step>.txt beside it. Images are decoded by the tokenizer itself (VQGAN / FSQ) or by the
 pixel decoder of config.pixel_decoder_workdir; without either, the codes go to samples_<step>.npy.
@@ -31,21 +42,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqkd_jax.config import ConfigError
+from vqkd_jax.proposal import nar as nar_lib
 from vqkd_jax.proposal import sampling
 from vqkd_jax.proposal import t2i as t2i_lib
 from vqkd_jax.proposal.ar import ARTransformer
+from vqkd_jax.proposal.nar import NARTransformer
 from vqkd_jax.teachers.text_encoders import FrozenTextEncoder, load_text_encoder
 from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
+from vqkd_jax.train.ar import transformer_fields
 from vqkd_jax.train.common import compute_dtype, variables
 from vqkd_jax.train.objective import EvalContext, Objective
 
+PROPOSALS = ("ar", "nar")
+
 
 def build_model(model_cfg, *, codebook_size: int, num_image_tokens: int, text_length: int,
-                precision: str = "float32") -> t2i_lib.TextConditionedAR:
-  """config.model holds the ARTransformer's fields (width, depth, num_heads, flavour, ...)."""
-  transformer = ARTransformer(vocab_size=codebook_size, seq_len=text_length + num_image_tokens,
-                              **dict(model_cfg), dtype=compute_dtype(precision))
-  return t2i_lib.TextConditionedAR(transformer, text_length)
+                precision: str = "float32", proposal: str = "ar", conditioning: str = "prefix",
+                grid: tuple[int, int] | None = None) -> t2i_lib.TextConditioned:
+  """The TextConditionedAR (proposal "ar") or TextConditionedNAR ("nar") of the conditioning
+  ("prefix" | "cross_attention"); config.model holds the ARTransformer's or NARTransformer's
+  fields (width, depth, num_heads, flavour, ...). `grid` (h, w): what rope="2d" rotates by."""
+  if proposal not in PROPOSALS:
+    raise ConfigError(f"config.proposal {proposal!r}: one of {', '.join(PROPOSALS)}")
+  if conditioning not in t2i_lib.CONDITIONINGS:
+    raise ConfigError(f"config.conditioning {conditioning!r}: one of "
+                      f"{', '.join(t2i_lib.CONDITIONINGS)}")
+  cross = conditioning == "cross_attention"
+  seq_len = (1 if cross else text_length) + num_image_tokens
+  dtype = compute_dtype(precision)
+  if proposal == "ar":
+    transformer = ARTransformer(vocab_size=codebook_size, seq_len=seq_len, cross_attention=cross,
+                                **transformer_fields(model_cfg, num_image_tokens, grid),
+                                dtype=dtype)
+    return t2i_lib.TextConditionedAR(transformer, text_length, conditioning)
+  transformer = NARTransformer(num_classes=0, codebook_size=codebook_size, seq_len=seq_len,
+                               cross_attention=cross, **dict(model_cfg), dtype=dtype)
+  return t2i_lib.TextConditionedNAR(transformer, text_length, conditioning)
+
+
+def _build(config, tokenizer, encoder, precision) -> t2i_lib.TextConditioned:
+  """build_model from a (saved) t2i config: configs without proposal / conditioning are AR
+  prefix models."""
+  h, w = tokenizer.grid(config["data"]["image_size"])
+  return build_model(config["model"], codebook_size=tokenizer.num_codes, num_image_tokens=h * w,
+                     text_length=encoder.context_length, precision=precision,
+                     proposal=config.get("proposal", "ar"),
+                     conditioning=config.get("conditioning", "prefix"), grid=(h, w))
+
+
+def is_nar(model) -> bool:
+  return isinstance(model, t2i_lib.TextConditionedNAR)
 
 
 class ShapesCaptions:
@@ -110,8 +157,8 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
   tokenizer = load_frozen_tokenizer(config.tokenizer_workdir, config.precision)
   encoder = load_text_encoder(config.text_encoder, config.precision)
   h, w = tokenizer.grid(config.data.image_size)
-  model = build_model(config.model, codebook_size=tokenizer.num_codes, num_image_tokens=h * w,
-                      text_length=encoder.context_length, precision=config.precision)
+  model = _build(config, tokenizer, encoder, config.precision)
+  codebook_size = tokenizer.num_codes
   captions = caption_source(config, encoder)
 
   if config.data.get("tokens_dir"):
@@ -139,17 +186,30 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
     states = encoder.encode(frozen["text_encoder"], ids, mask)
     drop = t2i_lib.caption_dropout(r_drop, tokens.shape[0],
                                    config.caption_dropout if train else 0.0)
-    logits = model.apply(variables(params, model_state), states, mask, tokens, drop, train,
+    model_vars = variables(params, model_state)
+    metrics = {"caption_dropout": jnp.mean(drop.astype(jnp.float32))}
+    if is_nar(model):
+      masked = nar_lib.random_mask(jax.random.fold_in(rng, 3), *tokens.shape)
+      ids = nar_lib.masked_image_ids(tokens, masked, 0, codebook_size)
+      logits = model.apply(model_vars, states, mask, ids, drop, train, rngs={"dropout": r_dropout})
+      ce = nar_lib.masked_token_loss(logits, tokens, masked, config.get("label_smoothing", 0.0))
+      w = masked.astype(jnp.float32)
+      correct = (jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32)
+      metrics.update(
+          ce=ce, masked_perplexity=jnp.exp(nar_lib.masked_token_loss(logits, tokens, masked)),
+          masked_accuracy=jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1.0),
+          mask_ratio=jnp.mean(w))
+      return ce, (metrics, model_state)
+    logits = model.apply(model_vars, states, mask, tokens, drop, train,
                          rngs={"dropout": r_dropout})
     ce = jnp.mean(t2i_lib.image_token_nll(logits, tokens))
-    metrics = {"ce": ce, "perplexity": jnp.exp(ce),
-               "caption_dropout": jnp.mean(drop.astype(jnp.float32))}
+    metrics.update(ce=ce, perplexity=jnp.exp(ce))
     return ce, (metrics, model_state)
 
   def evaluate(ctx: EvalContext) -> dict:
     model_vars = variables(ctx.params, ctx.model_state)
-    out = validation_perplexity(config, model, model_vars, encoder, captions, image_tokens,
-                                ctx.frozen)
+    validation = validation_masked_metrics if is_nar(model) else validation_perplexity
+    out = validation(config, model, model_vars, encoder, captions, image_tokens, ctx.frozen)
     if config.sampling.num_samples:
       write_samples(config, model, model_vars, encoder, ctx.frozen["text_encoder"], captions,
                     tokenizer, (h, w), ctx)
@@ -162,8 +222,13 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
 def validation_perplexity(config, model, model_vars, encoder, captions, tokens_fn, frozen) -> dict:
   """{"perplexity": exp(mean image-token NLL) with each validation image's own caption,
   "perplexity_null_caption": the same from the null prefix}, teacher-forced.
-  tokens_fn(tokenizer variables, batch) -> codes [B, N]; frozen: {"tokenizer", "text_encoder"}."""
+  tokens_fn(tokenizer variables, batch) -> codes [B, N]; frozen: {"tokenizer", "text_encoder"}.
+  AR models (a NAR's are validation_masked_metrics)."""
   from vqkd_jax.train.evaluate import map_split
+
+  if is_nar(model):
+    raise ValueError("validation_perplexity is teacher-forced AR perplexity; a t2i NAR model has "
+                     "validation_masked_metrics")
 
   @jax.jit
   def fn(model_vars, frozen, batch):
@@ -182,34 +247,89 @@ def validation_perplexity(config, model, model_vars, encoder, captions, tokens_f
           "perplexity_null_caption": float(np.exp(res["nll_null_sum"].sum() / count))}
 
 
+def validation_masked_metrics(config, model, model_vars, encoder, captions, tokens_fn,
+                              frozen) -> dict:
+  """NAR: {"masked_accuracy", "masked_perplexity" (exp of the mean NLL over the masked
+  positions), both with each validation image's own caption, "masked_perplexity_null_caption"
+  (the same from the null condition)}; cosine-schedule masks from a fixed key per batch (the same
+  on every evaluation). Arguments as validation_perplexity."""
+  from vqkd_jax.train.evaluate import map_split
+
+  codebook_size = model.transformer.codebook_size
+
+  @jax.jit
+  def fn(model_vars, frozen, batch):
+    tokens = tokens_fn(frozen["tokenizer"], batch)
+    ids, mask = captions.ids(batch)
+    states = encoder.encode(frozen["text_encoder"], ids, mask)
+    masked = nar_lib.random_mask(jax.random.PRNGKey(0), *tokens.shape)
+    image_ids = nar_lib.masked_image_ids(tokens, masked, 0, codebook_size)
+    w = masked.astype(jnp.float32)
+    out = {"count": jnp.sum(w, -1)}
+    for name, drop in (("nll_sum", False), ("nll_null_sum", True)):
+      logits = model.apply(model_vars, states, mask, image_ids, jnp.full(tokens.shape[:1], drop))
+      out[name] = jnp.sum(t2i_lib.image_token_nll(logits, tokens) * w, -1)
+      if not drop:
+        out["correct"] = jnp.sum((jnp.argmax(logits, -1) == tokens).astype(jnp.float32) * w, -1)
+    return out
+
+  res = map_split(config, lambda batch: fn(model_vars, frozen, _numeric(batch)))
+  count = res["count"].sum()
+  return {"masked_accuracy": float(res["correct"].sum() / count),
+          "masked_perplexity": float(np.exp(res["nll_sum"].sum() / count)),
+          "masked_perplexity_null_caption": float(np.exp(res["nll_null_sum"].sum() / count))}
+
+
 def _numeric(batch: dict) -> dict:
   """The arrays of a host batch that jitted functions take (caption strings dropped)."""
   return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OUS"}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "encode"))
-def _prefixes(model, encode, model_vars, text_vars, ids, mask):
-  """(caption prefixes [B, L, width], the null prefix [L, width]); one compilation per model,
-  text encoder and batch shape (the chunks of a long prompt list reuse it)."""
+def _sampling_inputs(model, encode, model_vars, text_vars, ids, mask):
+  """The sampler's condition arguments (TextConditioned.sampling_inputs) of caption ids / mask;
+  one compilation per model, text encoder and batch shape (the chunks of a long prompt list
+  reuse it)."""
   states = encode(text_vars, ids, mask)
-  return (model.apply(model_vars, states, mask, method="prefix"),
-          model.apply(model_vars, method="unconditional_prefix"))
+  return model.apply(model_vars, states, mask, method="sampling_inputs")
+
+
+# The settings of the config's sampling group that each kind of model's sampler takes.
+AR_SAMPLING = ("cfg_scale", "temperature", "top_k", "top_p")
+NAR_SAMPLING = ("cfg_scale", "temperature", "steps", "cfg_schedule", "choice_temperature")
+
+
+def sampling_settings(model, sampling_cfg) -> dict:
+  """The entries of a sampling group (config.sampling) that sample_images takes for `model`."""
+  keys = NAR_SAMPLING if is_nar(model) else AR_SAMPLING
+  return {k: sampling_cfg[k] for k in keys if k in sampling_cfg}
 
 
 def sample_images(model, model_vars, encoder: FrozenTextEncoder, text_vars, ids, mask, *,
                   rng: jax.Array, cfg_scale: float | None = 1.75, temperature: float = 1.0,
-                  top_k: int | None = 0, top_p: float | None = 1.0,
-                  example_offset: int = 0) -> jax.Array:
+                  top_k: int | None = 0, top_p: float | None = 1.0, example_offset: int = 0,
+                  steps: int = 8, cfg_schedule: str = "constant",
+                  choice_temperature: float = 4.5) -> jax.Array:
   """Image codes int32 [B, N] for caption ids [B, L] / mask [B, L] (the encoder's tokens), with
-  classifier-free guidance against the learned null prefix (cfg_scale None or 1: none). Each
-  sample depends on the seed and its index (example_offset + row) only."""
-  prefix, null = _prefixes(model, encoder.encode, model_vars, text_vars,
-                           jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+  classifier-free guidance against the learned null condition (cfg_scale None or 1: none). Each
+  sample depends on the seed and its index (example_offset + row) only.
+  AR: top_k, top_p (KV-cached, one token per step). NAR: steps, cfg_schedule, choice_temperature
+  (parallel decoding; top_k / top_p other than off raise ValueError)."""
+  inputs = _sampling_inputs(model, encoder.encode, model_vars, text_vars,
+                            jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+  params = model_vars["params"]["transformer"]
+  if is_nar(model):
+    if top_k or (top_p is not None and top_p != 1.0):
+      raise ValueError("top_k and top_p filter AR sampling; a NAR t2i model decodes in parallel "
+                       "steps (steps, temperature, choice_temperature)")
+    return nar_lib.sample_from_prefix(
+        model.transformer, params, **inputs, rng=rng, steps=steps, cfg_scale=cfg_scale,
+        cfg_schedule=cfg_schedule, temperature=temperature,
+        choice_temperature=choice_temperature, example_offset=example_offset)
   return sampling.sample_from_prefix(
-      model.transformer, model_vars["params"]["transformer"], prefix, uncond_prefix=null,
-      num_image_tokens=model.num_image_tokens, codebook_size=model.transformer.vocab_size,
-      rng=rng, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-      example_offset=example_offset)
+      model.transformer, params, **inputs, num_image_tokens=model.num_image_tokens,
+      codebook_size=model.transformer.vocab_size, rng=rng, cfg_scale=cfg_scale,
+      temperature=temperature, top_k=top_k, top_p=top_p, example_offset=example_offset)
 
 
 def image_decoder(tokenizer, decoder_workdir: str | None, precision: str = "float32"):
@@ -240,10 +360,9 @@ def write_samples(config, model, model_vars, encoder, text_vars, captions, token
   batch = {k: np.asarray(v)[keep][:n] for k, v in batch.items()}
   texts = captions.texts(batch)
   ids, mask = jax.jit(captions.ids)(_numeric(batch))
-  s = config.sampling
   codes = sample_images(model, model_vars, encoder, text_vars, ids, mask,
-                        rng=jax.random.PRNGKey(config.seed), cfg_scale=s.cfg_scale,
-                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+                        rng=jax.random.PRNGKey(config.seed),
+                        **sampling_settings(model, config.sampling))
   codes = np.asarray(codes).reshape(-1, *grid)
   if jax.process_index() != 0:
     return
@@ -260,9 +379,10 @@ def write_samples(config, model, model_vars, encoder, text_vars, captions, token
 
 
 def load_t2i(workdir: str, precision: str = "float32", tokenizer=None, text_encoder=None):
-  """(model, variables, info) of a trained t2i stage; info: codebook_size, grid, tokenizer (the
-  FrozenTokenizer), text_encoder (the FrozenTextEncoder), tokenizer_workdir, pixel_decoder_workdir
-  and the config's sampling group. Sample with `sample_images(model, variables,
+  """(model, variables, info) of a trained t2i stage (the model a TextConditionedAR or
+  TextConditionedNAR, as its config's proposal and conditioning say); info: proposal ("ar" |
+  "nar"), codebook_size, grid, tokenizer (the FrozenTokenizer), text_encoder (the
+  FrozenTextEncoder), tokenizer_workdir, pixel_decoder_workdir and the config's sampling group. Sample with `sample_images(model, variables,
   info["text_encoder"], info["text_encoder"].variables, *info["text_encoder"].tokenize(captions),
   rng=...)`.
 
@@ -284,9 +404,8 @@ def load_t2i(workdir: str, precision: str = "float32", tokenizer=None, text_enco
     text_encoder = load_text_encoder(te_cfg, precision)
   encoder = text_encoder
   h, w = tokenizer.grid(cfg["data"]["image_size"])
-  model = build_model(cfg["model"], codebook_size=tokenizer.num_codes, num_image_tokens=h * w,
-                      text_length=encoder.context_length, precision=precision)
-  info = {"codebook_size": tokenizer.num_codes, "grid": (h, w), "tokenizer": tokenizer,
+  model = _build(cfg, tokenizer, encoder, precision)
+  info = {"proposal": "nar" if is_nar(model) else "ar", "codebook_size": tokenizer.num_codes, "grid": (h, w), "tokenizer": tokenizer,
           "text_encoder": encoder, "tokenizer_workdir": cfg["tokenizer_workdir"],
           "pixel_decoder_workdir": cfg.get("pixel_decoder_workdir") or "",
           "sampling": dict(cfg.get("sampling") or {})}
