@@ -234,5 +234,6 @@ def main(what: str, config, steps: int, peak_tflops: float) -> None:
   else:
     from vqkd_jax.api import bench_nar_sampling, bench_sampling
     bench_fn = bench_nar_sampling if config.get("stage") == "nar" else bench_sampling
-    row = bench_fn(config, steps=steps)
+    print(_table(bench_fn(config, steps=steps)))
+    return
   print(_table([row]))

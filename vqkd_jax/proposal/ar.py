@@ -9,17 +9,20 @@ Two flavours:
            `rope="2d"` (LlamaGen's 2-D RoPE) by each image token's (row, col) on the `grid`.
 
 Decoding uses an explicit KV cache: `init_cache(batch)` gives per layer (k, v) of
-[B, S, heads, head_dim]; `apply(variables, tokens [B, T], positions=[T], cache=cache)` writes this
+[B, heads, S, head_dim]; `apply(variables, tokens [B, T], positions=[T], cache=cache)` writes this
 call's keys/values at `positions` (contiguous, T >= 1) and returns (logits, new cache). The sampling
 loop (proposal/sampling.py) threads the cache through one jitted `lax.fori_loop`.
 
 Sequence layout: [class] + image tokens in raster order. Vocabulary: classes [0, C), the null class C
 (classifier-free guidance), image token t -> C + 1 + t; vocab_size = C + 1 + codebook_size.
 
-Prefix conditioning (text-to-image, proposal/t2i.py): `prefix` embeddings [B, P, width] are placed
-ahead of the token embeddings (positions 0 .. P-1, the tokens at P ..); attention stays causal over
-the whole sequence, so every token sees the whole prefix. The prefix can be fed once into the cache
-(`tokens` [B, 0]) and decoding continues from position P.
+Conditioning (text-to-image, proposal/t2i.py), by prefix or by cross-attention. Prefix: `prefix`
+embeddings [B, P, width] are placed ahead of the token embeddings (positions 0 .. P-1, the tokens at
+P ..); attention stays causal over the whole sequence, so every token sees the whole prefix. The
+prefix can be fed once into the cache (`tokens` [B, 0]) and decoding continues from position P.
+Cross-attention (`cross_attention=True`): each block attends, after its causal self-attention, to a
+`context` [B, L, width] under its padding mask; the context's keys / values of every block are
+computed once into the KV cache.
 
 2-D rotary positions (`rope="2d"`, llama only; `rotary_2d`): the head dimension is split in two
 halves, the first rotated by the token's grid row, the second by its column, each half as 1-D RoPE
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from vqkd_jax.nn.attention import dense_init, use_cudnn
+from vqkd_jax.nn.cross_attention import CrossAttention
 
 Dtype = Any
 Cache = Sequence[tuple[jax.Array, jax.Array]]
@@ -169,7 +173,7 @@ ROPES = ("1d", "2d")
 class CausalSelfAttention(nn.Module):
   """Causal self-attention [B, T, D] -> [B, T, D] at `positions` [T].
 
-  With `cache` (k, v of [B, S, H, hd]) this call's keys and values are written at positions
+  With `cache` (k, v of [B, H, S, hd]) this call's keys and values are written at positions
   (contiguous from positions[0]) and each query attends to the cached positions <= its own; returns
   (output, new cache). Scores and softmax in float32.
 
@@ -211,21 +215,23 @@ class CausalSelfAttention(nn.Module):
       return self._out(y[:, :t], d), None
     if cache is None:
       kpos = positions
-      new_cache = None
+      new_cache, kv = None, "bkhd"
     else:
+      # The cache is [B, H, S, hd]: each step's einsums read it in place (a [B, S, H, hd] cache
+      # is transposed, a full copy per layer and step).
       ck, cv = cache
-      start = (0, positions[0], 0, 0)
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-      k, v, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
-      kpos = jnp.arange(ck.shape[1])
+      start = (0, 0, positions[0], 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
+      k, v, new_cache, kv = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv), "bhkd"
+      kpos = jnp.arange(ck.shape[2])
     mask = (kpos[None, :] <= positions[:, None])[None, None]              # [1, 1, T, S]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(hd ** -0.5, q.dtype), k,
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q * jnp.asarray(hd ** -0.5, q.dtype), k,
                         preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    y = jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
     return self._out(y, d), new_cache
 
   def _out(self, y, d):
@@ -242,7 +248,12 @@ class CausalSelfAttention(nn.Module):
 
 class DecoderBlock(nn.Module):
   """Pre-norm block: x + Attn(Norm(x)); x + MLP(Norm(x)). GPT-2 MLP: fc1 - GELU(tanh) - fc2.
-  Llama MLP: down(silu(gate(x)) * up(x))."""
+  Llama MLP: down(silu(gate(x)) * up(x)).
+
+  cross_attention: a third sublayer between the two, x + CrossAttn(Norm(x), context) over the
+  context [B, L, width] with its padding mask [B, L]. Its cache entry is then (k, v, context k,
+  context v): a call with `context` computes the context's keys / values and writes them there, a
+  call without it reads them."""
   num_heads: int
   mlp_dim: int
   flavour: str
@@ -255,19 +266,34 @@ class DecoderBlock(nn.Module):
   rope: str = "1d"
   grid: tuple[int, int] | None = None
   num_prefix: int = 0
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, cache=None, train: bool = False):
+  def __call__(self, x, positions, cache=None, train: bool = False, context=None,
+               context_mask=None):
     llama = self.flavour == "llama"
     bias = not llama
     std = 0.02 if llama else 0.02 / (2 * self.depth) ** 0.5  # GPT-2 scales residual projections.
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
-    h, cache = CausalSelfAttention(
+    h, self_cache = CausalSelfAttention(
         self.num_heads, use_bias=bias, rope=self.rope if llama else None,
         rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
         dropout=self.dropout, implementation=self.attention, dtype=self.dtype, name="attn")(
-            _norm(self.flavour, "norm1", self.dtype, self.norm_eps)(x), positions, cache, train)
+            _norm(self.flavour, "norm1", self.dtype, self.norm_eps)(x), positions,
+            None if cache is None else cache[:2], train)
     x = x + drop(h)
+    new_cache = self_cache
+    if self.cross_attention:
+      cached_kv = None if cache is None or context is not None else (cache[2:] or None)
+      h, (ck, cv) = CrossAttention(
+          self.num_heads, use_bias=bias, out_init_std=std, implementation=self.attention,
+          dtype=self.dtype, name="cross_attn")(
+              _norm(self.flavour, "norm_cross", self.dtype, self.norm_eps)(x), context,
+              context_mask, cached_kv)
+      x = x + drop(h)
+      if cache is not None:        # the context's keys / values: kept, or written once
+        new_cache = (*self_cache, *(cached_kv or (ck.astype(cache[2].dtype),
+                                                  cv.astype(cache[3].dtype))))
     h = _norm(self.flavour, "norm2", self.dtype, self.norm_eps)(x)
     if llama:
       gate = _dense(self.mlp_dim, ("embed", "mlp"), "gate", bias, self.dtype)(h)
@@ -277,7 +303,7 @@ class DecoderBlock(nn.Module):
       h = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), "fc1", bias, self.dtype)(h),
                   approximate=True)
       h = _dense(x.shape[-1], ("mlp", "embed"), "fc2", bias, self.dtype, std)(h)
-    return x + drop(h), cache
+    return x + drop(h), new_cache
 
 
 class ARTransformer(nn.Module):
@@ -304,11 +330,16 @@ class ARTransformer(nn.Module):
       "auto" (cudnn on GPU in bfloat16/float16 for full sequences without attention dropout, else
       xla). Decoding with a cache always uses the einsum path.
     remat: recompute each block's activations in the backward pass (memory for large batches).
+    cross_attention: every block cross-attends to a `context` [B, L, width] (e.g. projected text
+      states) after its self-attention; padded context tokens (context_mask False) get no weight.
 
   Call: `__call__(tokens, train=False, positions=None, cache=None, prefix=None)`; positions [T]
   default arange(T); with `cache` returns (logits, new cache). `prefix` [B, P, width] (embeddings,
   e.g. projected text states) goes ahead of the T token embeddings: positions then cover P + T
   (default arange(P + T)) and the logits are [B, P + T, vocab_size].
+  With cross_attention: `context` [B, L, width] and `context_mask` bool [B, L] (None: all real).
+  Decoding with a cache (`init_cache(batch, context_length=L)`): the call that passes `context`
+  writes its keys / values into the cache once; later calls pass only `context_mask`.
   """
   vocab_size: int
   seq_len: int
@@ -328,6 +359,7 @@ class ARTransformer(nn.Module):
   remat: bool = False
   rope: str = "1d"
   grid: tuple[int, int] | None = None
+  cross_attention: bool = False
 
   def mlp_hidden(self) -> int:
     if self.mlp_dim:
@@ -340,12 +372,18 @@ class ARTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False, positions: jax.Array | None = None,
-               cache: Cache | None = None, prefix: jax.Array | None = None):
+               cache: Cache | None = None, prefix: jax.Array | None = None,
+               context: jax.Array | None = None, context_mask: jax.Array | None = None):
     if self.flavour not in FLAVOURS:
       raise ValueError(f"unknown flavour {self.flavour!r}: one of {FLAVOURS}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     num_prefix = self._check_rope()
+    if self.cross_attention and context is None and cache is None:
+      raise ValueError("a cross-attention ARTransformer needs the context (or a cache holding "
+                       "its keys / values)")
+    if context is not None and not self.cross_attention:
+      raise ValueError("context given to an ARTransformer without cross_attention")
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embed",
                      embedding_init=nn.with_logical_partitioning(dense_init(), ("vocab", "embed")))
     x = embed(tokens)
@@ -360,13 +398,15 @@ class ARTransformer(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     block = DecoderBlock
     if self.remat and cache is None:
-      block = nn.remat(DecoderBlock, static_argnums=(4,))   # (self, x, positions, cache, train)
+      # (self, x, positions, cache, train, context, context_mask)
+      block = nn.remat(DecoderBlock, static_argnums=(4,))
     new_cache = []
     for i in range(self.depth):
       x, c = block(self.num_heads, self.mlp_hidden(), self.flavour, self.depth, self.rope_theta,
                    self.norm_eps, self.dropout, self.attention, self.dtype, rope=self.rope,
-                   grid=self.grid, num_prefix=num_prefix,
-                   name=f"block{i}")(x, positions, None if cache is None else cache[i], train)
+                   grid=self.grid, num_prefix=num_prefix, cross_attention=self.cross_attention,
+                   name=f"block{i}")(x, positions, None if cache is None else cache[i], train,
+                                     context, context_mask)
       new_cache.append(c)
     x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps)(x)
     # Operands in the computation dtype, logits accumulated and returned in float32.
@@ -396,9 +436,18 @@ class ARTransformer(nn.Module):
       raise ValueError(f"a {h}x{w} grid does not fit seq_len {self.seq_len}")
     return self.seq_len - h * w
 
-  def init_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list:
-    """An empty KV cache: per layer (k, v) zeros of [batch_size, length (seq_len), heads, head_dim]
-    in `dtype` (the computation dtype)."""
-    shape = (batch_size, length or self.seq_len, self.num_heads, self.width // self.num_heads)
+  def init_cache(self, batch_size: int, length: int | None = None, dtype=None,
+                 context_length: int | None = None) -> list:
+    """An empty KV cache: per layer (k, v) zeros of [batch_size, heads, length (seq_len), head_dim]
+    in `dtype` (the computation dtype); with cross_attention (k, v, context k, context v), the
+    context's of [batch_size, context_length, heads, head_dim]."""
+    hd = self.width // self.num_heads
+    shape = (batch_size, self.num_heads, length or self.seq_len, hd)
     dtype = dtype or self.dtype
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
+    if not self.cross_attention:
+      return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
+    if not context_length:
+      raise ValueError("the cache of a cross-attention ARTransformer needs the context_length")
+    context = (batch_size, context_length, self.num_heads, hd)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(context, dtype),
+             jnp.zeros(context, dtype)) for _ in range(self.depth)]
