@@ -397,6 +397,10 @@ def test_cached_sampling_equals_full_recompute(model_and_params):
   assert cached.shape == (6, NUM_TOKENS) and cached.dtype == np.int32
   assert cached.min() >= 0 and cached.max() < CODEBOOK
   np.testing.assert_array_equal(cached, full)
+  # Decoding in 4 loops, each attending only to the cache filled by its end: the same tokens.
+  assert [sampling.default_cache_segments(n) for n in (9, 64, 128, 256, 1024)] == [1, 1, 2, 4, 4]
+  np.testing.assert_array_equal(
+      sampling.sample(model, params, labels, rng=rng, cache_segments=4, **SAMPLE_KW), full)
   other = np.asarray(sampling.sample(model, params, labels, rng=jax.random.PRNGKey(7), **SAMPLE_KW))
   assert (other != cached).mean() > 0.3
   assert (cached[3] != cached[4]).any()   # same label, different example index: different streams

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_t2i import _random_like  # tests/ is on sys.path (conftest)
+from test_t2i import _random_like, written_out_greedy_guidance  # tests/ is on sys.path
 from tiny_workdir import random_clip_workdir, train_tiny_cluster_tokenizer
 
 from vqkd_jax.nn.cross_attention import CrossAttention
@@ -136,6 +136,9 @@ def test_cross_attention_cached_sampling_equals_full_recompute(cross_ar):
   full = np.asarray(sampling.sample_from_prefix_full_recompute(model.transformer, params, **kw))
   assert cached.shape == (5, NUM_TOKENS) and cached.min() >= 0 and cached.max() < CODEBOOK
   np.testing.assert_array_equal(cached, full)
+  # Decoding in 3 loops over a growing cache (the context's keys / values carried along).
+  np.testing.assert_array_equal(
+      sampling.sample_from_prefix(model.transformer, params, cache_segments=3, **kw), full)
   other = sampling.sample_from_prefix(model.transformer, params,
                                       **dict(kw, rng=jax.random.PRNGKey(7)))
   assert (np.asarray(other) != cached).mean() > 0.3
@@ -144,16 +147,9 @@ def test_cross_attention_cached_sampling_equals_full_recompute(cross_ar):
 
 
 def test_cross_attention_greedy_sampling_matches_written_out_guidance(cross_ar):
-  """Greedy decoding written out with the teacher-forced forward: cond and uncond (dropped
-  caption) logits of the tokens so far, (1 - s) uncond + s cond in NumPy, argmax."""
   model, variables = cross_ar
   states, mask = _captions(3, 3)
-  fwd = jax.jit(lambda t, d: model.apply(variables, states, mask, t, d))
-  tokens = np.zeros((3, NUM_TOKENS), np.int32)
-  for i in range(NUM_TOKENS):
-    c = np.asarray(fwd(tokens, jnp.zeros(3, bool)), np.float64)[:, i]
-    u = np.asarray(fwd(tokens, jnp.ones(3, bool)), np.float64)[:, i]
-    tokens[:, i] = np.argmax(-0.75 * u + 1.75 * c, -1)
+  tokens = written_out_greedy_guidance(model, variables, states, mask, NUM_TOKENS)
   inputs = model.apply(variables, states, mask, method="sampling_inputs")
   got = sampling.sample_from_prefix(model.transformer, variables["params"]["transformer"],
                                     rng=jax.random.PRNGKey(0), **inputs,
@@ -264,11 +260,12 @@ def _config(workdirs, arg):
   return c
 
 
-@pytest.mark.parametrize("arg", ["conditioning=cross_attention,variant=llama,rope=2d",
-                                 "proposal=nar", "proposal=nar,conditioning=cross_attention"])
+@pytest.mark.parametrize("arg", [
+    "proposal=ar", "conditioning=cross_attention,variant=llama,rope=2d", "proposal=nar",
+    "proposal=nar,conditioning=cross_attention"])
 def test_loss_decreases_on_a_fixed_batch(workdirs, arg):
-  """make_objective of each network and conditioning; the loss starts near log K (uniform over the
-  32 codes) and falls when fitting one batch."""
+  """make_objective of each network and conditioning (the AR prefix model the stage's default);
+  the loss starts near log K (uniform over the 32 codes) and falls when fitting one batch."""
   from vqkd_jax.data.pipeline import synthetic_iterator
   from vqkd_jax.train.t2i import make_objective
 

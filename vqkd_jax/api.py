@@ -469,6 +469,20 @@ def _check_bench_group(config) -> None:
                       f"configs/demo/nar.py and configs/imagenet/nar.py have")
 
 
+def _random_variables(init_fn):
+  """init_fn(rng) -> variables, unboxed, on the default device; computed where the training loop
+  computes its initial state (train/loop.init_sharded: on the host on GPUs, whose compiler takes
+  minutes over the random initialisers of a 300M-parameter model)."""
+  import flax.linen as nn
+
+  from vqkd_jax.train.loop import init_sharded
+
+  fn = lambda rng: nn.meta.unbox(init_fn(rng))
+  rng = jax.random.PRNGKey(0)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return init_sharded(fn, rng, jax.tree.map(lambda _: device, jax.eval_shape(fn, rng)))
+
+
 def _time_calls(run, steps: int) -> tuple[float, float]:
   """(seconds of the first, compiling call; mean seconds of `steps` later calls) of run(seed)."""
   import time
@@ -494,8 +508,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   model = ar_stage.build_model(config.model, num_classes=config.data.num_classes,
                                codebook_size=config.bench.codebook_size,
                                num_image_tokens=num_tokens, precision=config.precision)
-  params = jax.jit(model.init, static_argnames="train")(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False)
+  params = _random_variables(
+      lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False))
   labels = jnp.arange(b) % config.data.num_classes
   rows = []
   for cfg in dict.fromkeys((config.sampling.cfg_scale, None)):
@@ -519,8 +533,6 @@ def bench_nar_sampling(config, steps: int = 3) -> list[dict]:
   row with config.sampling's CFG (the conditional and unconditional halves in one forward of twice
   the batch), one without (as the MaskGIT decoder it is compared with). `steps` timed calls after
   a compiling one. TFLOP/s from the model FLOPs of the whole call."""
-  import flax.linen as nn
-
   from vqkd_jax.bench import step_flops
   from vqkd_jax.proposal import nar as nar_lib
   from vqkd_jax.train import nar as nar_stage
@@ -531,8 +543,8 @@ def bench_nar_sampling(config, steps: int = 3) -> list[dict]:
   model = nar_stage.build_model(config.model, num_classes=config.data.num_classes,
                                 codebook_size=config.bench.codebook_size,
                                 num_image_tokens=num_tokens, precision=config.precision)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1 + num_tokens), jnp.int32))
-  params = nn.meta.unbox(params["params"])
+  params = _random_variables(
+      lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32)))["params"]
   s = config.sampling
   labels = jnp.arange(b) % config.data.num_classes
   rows = []

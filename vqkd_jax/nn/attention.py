@@ -39,19 +39,32 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     d = x.shape[-1]
     head_dim = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+    proj = lambda name: head_projection(self.num_heads, head_dim, self.use_bias, self.dtype, name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     if mask is None and self.causal:
       mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
     y = dot_product_attention(q, k, v, mask, self.dtype, self.implementation)
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
-                                                 ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+    return output_projection(d, self.use_bias, self.dtype, self.out_init_std)(y)
+
+
+def head_projection(num_heads: int, head_dim: int, use_bias: bool, dtype, name: str
+                    ) -> nn.DenseGeneral:
+  """[..., D] -> [..., heads, head_dim] (a query, key or value projection; logical axes embed,
+  heads, kv)."""
+  return nn.DenseGeneral(
+      (num_heads, head_dim), use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+
+
+def output_projection(width: int, use_bias: bool, dtype, init_std: float = 0.02,
+                      name: str = "out") -> nn.DenseGeneral:
+  """[..., heads, head_dim] -> [..., width], the attention output projection (normal(init_std)
+  kernel; logical axes heads, kv, embed)."""
+  return nn.DenseGeneral(
+      width, axis=(-2, -1), use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(dense_init(init_std), ("heads", "kv", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
 def use_cudnn(implementation: str, q: jax.Array, mask) -> bool:

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqkd_jax.nn.attention import dense_init, dot_product_attention
+from vqkd_jax.nn.attention import dot_product_attention, head_projection, output_projection
 
 Dtype = Any
 
@@ -41,10 +41,7 @@ class CrossAttention(nn.Module):
                context_kv: tuple[jax.Array, jax.Array] | None = None):
     d = x.shape[-1]
     hd = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral(
-        (self.num_heads, hd), use_bias=self.use_bias, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+    proj = lambda name: head_projection(self.num_heads, hd, self.use_bias, self.dtype, name)
     q = proj("query")(x)
     # The key / value projections exist (init) whether or not this call computes them.
     key_proj, value_proj = proj("key"), proj("value")
@@ -58,9 +55,5 @@ class CrossAttention(nn.Module):
     implementation = self.implementation if context_mask is None else "xla"
     y = dot_product_attention(q, k, v, context_padding_mask(context_mask), self.dtype,
                               implementation)
-    out = nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
-                                                 ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+    out = output_projection(d, self.use_bias, self.dtype, self.out_init_std)(y)
     return out, (k, v)

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vqkd_jax.nn.attention import dense_init, use_cudnn
+from vqkd_jax.nn.attention import dense_init, head_projection, output_projection, use_cudnn
 from vqkd_jax.nn.cross_attention import CrossAttention
 
 Dtype = Any
@@ -194,10 +194,7 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x, positions, cache=None, train: bool = False):
     d = x.shape[-1]
     hd = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral(
-        (self.num_heads, hd), use_bias=self.use_bias, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+    proj = lambda name: head_projection(self.num_heads, hd, self.use_bias, self.dtype, name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     if self.rope == "1d":
       q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
@@ -235,11 +232,7 @@ class CausalSelfAttention(nn.Module):
     return self._out(y, d), new_cache
 
   def _out(self, y, d):
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(dense_init(self.out_init_std),
-                                                 ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+    return output_projection(d, self.use_bias, self.dtype, self.out_init_std)(y)
 
   def _use_cudnn(self, q, train) -> bool:
     # The shared rule (nn/attention.use_cudnn), except that attention dropout needs the einsums.

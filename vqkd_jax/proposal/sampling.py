@@ -131,9 +131,12 @@ def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, tempera
               top_k, top_p)
 
 
-# Decoding loops per sampling call (sample / sample_from_prefix `cache_segments`): measured on an
-# H200 with Llama medium at 256 tokens, batch 64 with CFG: see `vqkd bench sample`.
-CACHE_SEGMENTS = 4
+def default_cache_segments(num_image_tokens: int) -> int:
+  """Decoding loops of a sampling call when `cache_segments` is None: one per 64 image tokens, at
+  most 4. H200, Llama medium, 256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the
+  first call 23 s against 5 s (`vqkd bench sample`); short sequences (the demo's, the tests') read
+  little cache and keep one loop body to compile."""
+  return max(1, min(4, num_image_tokens // 64))
 
 
 def _grow_cache(cache, length):
@@ -199,7 +202,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
            num_classes: int, codebook_size: int, rng: jax.Array,
            cfg_scale: float | None = 1.75, temperature: float = 1.0, top_k: int | None = 600,
            top_p: float | None = 0.92, example_offset: int = 0,
-           cache_segments: int = CACHE_SEGMENTS) -> jax.Array:
+           cache_segments: int | None = None) -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) for class labels [B].
 
   params: the model's `params` collection (or its full variables dict). cfg_scale None or 1 turns
@@ -207,14 +210,16 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   temperature 0 is greedy. example_offset: index of labels[0] in a larger set (per-example keys).
   One jitted program: the float parameters cast to the model's dtype once, then fori_loops over
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
-  cache filled by its end (1: one loop over a full-length cache; more compile a loop body each).
+  cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
+  None: default_cache_segments).
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
   return _sample_cached(model, _variables(params), jnp.asarray(labels, jnp.int32), rng,
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
-                        cache_segments=int(cache_segments),
+                        cache_segments=int(cache_segments or
+                                           default_cache_segments(num_image_tokens)),
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
 
@@ -331,7 +336,7 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                        cfg_scale: float | None = 1.75, temperature: float = 1.0,
                        top_k: int | None = 600, top_p: float | None = 0.92,
                        example_offset: int = 0, context=None, context_mask=None,
-                       uncond_context=None, cache_segments: int = CACHE_SEGMENTS) -> jax.Array:
+                       uncond_context=None, cache_segments: int | None = None) -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) after prefix embeddings
   [B, P, width] (model.vocab_size == codebook_size: image token t has id t).
 
@@ -352,7 +357,9 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                                num_image_tokens=num_image_tokens, codebook_size=codebook_size,
                                context=context, context_mask=context_mask,
                                uncond_context=uncond_context,
-                               cache_segments=int(cache_segments), **static)
+                               cache_segments=int(cache_segments or
+                                                  default_cache_segments(num_image_tokens)),
+                               **static)
 
 
 def sample_from_prefix_full_recompute(model: ar_lib.ARTransformer, params, prefix, *,

@@ -382,9 +382,9 @@ def load_t2i(workdir: str, precision: str = "float32", tokenizer=None, text_enco
   """(model, variables, info) of a trained t2i stage (the model a TextConditionedAR or
   TextConditionedNAR, as its config's proposal and conditioning say); info: proposal ("ar" |
   "nar"), codebook_size, grid, tokenizer (the FrozenTokenizer), text_encoder (the
-  FrozenTextEncoder), tokenizer_workdir, pixel_decoder_workdir and the config's sampling group. Sample with `sample_images(model, variables,
-  info["text_encoder"], info["text_encoder"].variables, *info["text_encoder"].tokenize(captions),
-  rng=...)`.
+  FrozenTextEncoder), tokenizer_workdir, pixel_decoder_workdir and the config's sampling group.
+  Sample with `sample_images(model, variables, info["text_encoder"],
+  info["text_encoder"].variables, *info["text_encoder"].tokenize(captions), rng=...)`.
 
   tokenizer: a FrozenTokenizer or work directory to use instead of the config's tokenizer_workdir.
   text_encoder: a FrozenTextEncoder, or the place of the config's text encoder to use instead of
@@ -405,8 +405,8 @@ def load_t2i(workdir: str, precision: str = "float32", tokenizer=None, text_enco
   encoder = text_encoder
   h, w = tokenizer.grid(cfg["data"]["image_size"])
   model = _build(cfg, tokenizer, encoder, precision)
-  info = {"proposal": "nar" if is_nar(model) else "ar", "codebook_size": tokenizer.num_codes, "grid": (h, w), "tokenizer": tokenizer,
-          "text_encoder": encoder, "tokenizer_workdir": cfg["tokenizer_workdir"],
+  info = {"proposal": "nar" if is_nar(model) else "ar", "codebook_size": tokenizer.num_codes,
+          "grid": (h, w), "tokenizer": tokenizer, "text_encoder": encoder, "tokenizer_workdir": cfg["tokenizer_workdir"],
           "pixel_decoder_workdir": cfg.get("pixel_decoder_workdir") or "",
           "sampling": dict(cfg.get("sampling") or {})}
   return model, variables(trained["params"], trained["model_state"]), info
