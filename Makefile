@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# The main job: the walking skeleton on the built-in dataset (about 10 minutes on 2 CPU cores).
+# The main job: the walking skeleton on the built-in dataset (36 minutes on 2 CPU cores, measured).
 demo: setup
 	$(VENV)/bin/vqkd demo --workdir $(DEMO_WORKDIR)
 

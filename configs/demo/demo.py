@@ -54,10 +54,11 @@ ROWS = (
 )
 
 # Steps and batch sizes per stage (shared keys, and row stages by kind). "default" is meant for 20
-# minutes on 2 CPU cores. Measured before the AR / NAR / T2I cut to 200 x 48 (from 250 x 64) and
-# the evaluator's to 200 steps (from 400): 48 min, about half of it beside other jobs; without them
-# the stages ran at 2-2.5 steps/s two at a time (teachers, AR, NAR at batch 64), i.e. about 37 min
-# (ETA of an unshared run). The proposal networks were 16 of the 34 stages and ~45% of the time.
+# minutes on 2 CPU cores; measured with these budgets (3 Dec 2026): 36 min, the stages 30 min two at
+# a time (teachers 170-215 s each, tokenizers 90-145 s, pixel decoders 70-110 s, AR 70-87 s, NAR
+# 57-105 s, T2I 94-101 s) and the report 6 min (70-110 s per row, one row at a time). Before the AR /
+# NAR / T2I cut to 200 x 48 (from 250 x 64) and the evaluator's to 200 steps (from 400): 48 min,
+# about half of it beside other jobs.
 # Two stages at once give 1.4x one stage's throughput (measured: evaluator 100 steps, 29 s alone,
 # 40 s each for two together; pinning each to a core or one XLA thread each: no gain).
 # Pre-tokenising the rows' training images for AR / NAR (data.tokens_dir) saves little here:
