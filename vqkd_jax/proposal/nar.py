@@ -51,7 +51,8 @@ from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
 from vqkd_jax.nn.cross_attention import CrossAttention
 from vqkd_jax.nn.vit import Mlp, layer_norm
 from vqkd_jax.proposal.ar import class_token_ids, image_token_offset, null_class_id
-from vqkd_jax.proposal.sampling import _context_rows, _prefix_rows, cast_floats, cfg_combine
+from vqkd_jax.proposal.sampling import (cast_floats, cfg_combine, guidance_context_rows,
+                                        guidance_prefix_rows)
 
 Dtype = Any
 
@@ -414,8 +415,8 @@ def sample_from_prefix(model: NARTransformer, params, prefix, *, rng: jax.Array,
   static = _static(model, model.seq_len - prefix.shape[1], steps, cfg_scale, cfg_schedule,
                    temperature, choice_temperature, return_history)
   cfg = static["cfg_scale"] is not None
-  rows = _prefix_rows(prefix, None if uncond_prefix is None else jnp.asarray(uncond_prefix,
-                                                                             prefix.dtype), cfg)
-  context, context_mask = _context_rows(context, context_mask, uncond_context, cfg)
+  uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix, prefix.dtype)
+  rows = guidance_prefix_rows(prefix, uncond, cfg)
+  context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
   return _sample_prefix(model, _variables(params), rows, context, context_mask, rng,
                         jnp.asarray(example_offset, jnp.int32), **static)

@@ -258,7 +258,9 @@ def sample_full_recompute(model: ar_lib.ARTransformer, params, labels, *, num_im
 # ----------------------------------------------------------------------------------------------
 # Sampling from prefix embeddings (text-to-image; vocabulary = codebook, token t has id t).
 
-def _prefix_rows(prefix, uncond_prefix, cfg):
+def guidance_prefix_rows(prefix, uncond_prefix, cfg):
+  """The prefix rows of a sampling call: [prefix; uncond_prefix (broadcast)] with guidance, else
+  the prefix (the AR and the NAR text-conditioned samplers)."""
   if not cfg:
     return prefix
   if uncond_prefix is None:
@@ -266,7 +268,7 @@ def _prefix_rows(prefix, uncond_prefix, cfg):
   return jnp.concatenate([prefix, jnp.broadcast_to(uncond_prefix, prefix.shape)])
 
 
-def _context_rows(context, context_mask, uncond_context, cfg):
+def guidance_context_rows(context, context_mask, uncond_context, cfg):
   """(context rows, mask rows) of a cross-attention model: [context; uncond_context] and [mask;
   all real] with guidance; (None, None) without a context."""
   if context is None:
@@ -291,8 +293,8 @@ def _sample_prefix_cached(model, variables, prefix, uncond_prefix, rng, example_
   variables = cast_floats(variables, model.dtype)
   b, p = prefix.shape[:2]
   cfg = uses_cfg(cfg_scale)
-  rows = _prefix_rows(prefix, uncond_prefix, cfg)
-  context, context_mask = _context_rows(context, context_mask, uncond_context, cfg)
+  rows = guidance_prefix_rows(prefix, uncond_prefix, cfg)
+  context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
   keys = _example_keys(rng, b, example_offset)
   choose = lambda logits, i: _choose(logits, b, keys, i, 0, codebook_size, cfg_scale, temperature,
                                      top_k, top_p)
@@ -377,8 +379,9 @@ def sample_from_prefix_full_recompute(model: ar_lib.ARTransformer, params, prefi
   variables = _variables(params)
   b, p = prefix.shape[:2]
   cfg = uses_cfg(static["cfg_scale"])
-  rows = _prefix_rows(prefix, None if uncond_prefix is None else jnp.asarray(uncond_prefix), cfg)
-  context, context_mask = _context_rows(context, context_mask, uncond_context, cfg)
+  uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix)
+  rows = guidance_prefix_rows(prefix, uncond, cfg)
+  context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
   keys = _example_keys(rng, b, jnp.asarray(example_offset, jnp.int32))
   seq = jnp.zeros((rows.shape[0], num_image_tokens - 1), jnp.int32)
 
