@@ -126,6 +126,28 @@ def masked_token_loss(logits: jax.Array, codes: jax.Array, mask: jax.Array,
   return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def masked_token_metrics(logits: jax.Array, codes: jax.Array, mask: jax.Array,
+                         label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+  """(training loss, metrics) of masked-token prediction over the batch: the loss is
+  masked_token_loss with label_smoothing; metrics ce (the same), masked_perplexity (exp of the
+  unsmoothed mean NLL), masked_accuracy (argmax at the masked positions) and mask_ratio."""
+  ce = masked_token_loss(logits, codes, mask, label_smoothing)
+  w = mask.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
+  return ce, {"ce": ce, "masked_perplexity": jnp.exp(masked_token_loss(logits, codes, mask)),
+              "masked_accuracy": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1.0),
+              "mask_ratio": jnp.mean(w)}
+
+
+def masked_token_sums(logits: jax.Array, codes: jax.Array, mask: jax.Array) -> dict:
+  """Per-example sums over the masked positions, for validation over a split: nll_sum,
+  correct (argmax hits) and count (masked positions), each [B]."""
+  w = mask.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
+  return {"nll_sum": jnp.sum(masked_token_nll(logits, codes) * w, -1),
+          "correct": jnp.sum(correct * w, -1), "count": jnp.sum(w, -1)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Model.
 

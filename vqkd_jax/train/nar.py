@@ -60,13 +60,7 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
                                   config.class_dropout if train else 0.0, r_class)
     logits = model.apply(variables(params, model_state), seq, train=train,
                          rngs={"dropout": r_dropout})
-    ce = nar_lib.masked_token_loss(logits, codes, mask, config.label_smoothing)
-    nll = nar_lib.masked_token_loss(logits, codes, mask)
-    w = mask.astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
-    metrics = {"ce": ce, "masked_perplexity": jnp.exp(nll),
-               "masked_accuracy": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1.0),
-               "mask_ratio": jnp.mean(w)}
+    ce, metrics = nar_lib.masked_token_metrics(logits, codes, mask, config.label_smoothing)
     return ce, (metrics, model_state)
 
   def evaluate(ctx: EvalContext) -> dict:
@@ -90,12 +84,7 @@ def validation_metrics(config, model, model_vars, tokens_fn, num_classes: int,
     codes = tokens_fn(batch["image"]).astype(jnp.int32)
     mask = nar_lib.random_mask(jax.random.PRNGKey(0), *codes.shape)
     seq = nar_lib.masked_sequence(batch["label"], codes, mask, num_classes, codebook_size)
-    logits = model.apply(model_vars, seq, train=False)
-    nll = nar_lib.masked_token_nll(logits, codes)
-    w = mask.astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
-    return {"nll_sum": jnp.sum(nll * w, -1), "correct": jnp.sum(correct * w, -1),
-            "count": jnp.sum(w, -1)}
+    return nar_lib.masked_token_sums(model.apply(model_vars, seq, train=False), codes, mask)
 
   res = map_split(config, fn)
   count = res["count"].sum()

@@ -192,14 +192,9 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
       masked = nar_lib.random_mask(jax.random.fold_in(rng, 3), *tokens.shape)
       ids = nar_lib.masked_image_ids(tokens, masked, 0, codebook_size)
       logits = model.apply(model_vars, states, mask, ids, drop, train, rngs={"dropout": r_dropout})
-      ce = nar_lib.masked_token_loss(logits, tokens, masked, config.get("label_smoothing", 0.0))
-      w = masked.astype(jnp.float32)
-      correct = (jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32)
-      metrics.update(
-          ce=ce, masked_perplexity=jnp.exp(nar_lib.masked_token_loss(logits, tokens, masked)),
-          masked_accuracy=jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1.0),
-          mask_ratio=jnp.mean(w))
-      return ce, (metrics, model_state)
+      ce, nar_metrics = nar_lib.masked_token_metrics(logits, tokens, masked,
+                                                     config.get("label_smoothing", 0.0))
+      return ce, ({**metrics, **nar_metrics}, model_state)
     logits = model.apply(model_vars, states, mask, tokens, drop, train,
                          rngs={"dropout": r_dropout})
     ce = jnp.mean(t2i_lib.image_token_nll(logits, tokens))
@@ -264,13 +259,10 @@ def validation_masked_metrics(config, model, model_vars, encoder, captions, toke
     states = encoder.encode(frozen["text_encoder"], ids, mask)
     masked = nar_lib.random_mask(jax.random.PRNGKey(0), *tokens.shape)
     image_ids = nar_lib.masked_image_ids(tokens, masked, 0, codebook_size)
-    w = masked.astype(jnp.float32)
-    out = {"count": jnp.sum(w, -1)}
-    for name, drop in (("nll_sum", False), ("nll_null_sum", True)):
-      logits = model.apply(model_vars, states, mask, image_ids, jnp.full(tokens.shape[:1], drop))
-      out[name] = jnp.sum(t2i_lib.image_token_nll(logits, tokens) * w, -1)
-      if not drop:
-        out["correct"] = jnp.sum((jnp.argmax(logits, -1) == tokens).astype(jnp.float32) * w, -1)
+    logits_of = lambda drop: model.apply(model_vars, states, mask, image_ids,
+                                         jnp.full(tokens.shape[:1], drop))
+    out = nar_lib.masked_token_sums(logits_of(False), tokens, masked)
+    out["nll_null_sum"] = nar_lib.masked_token_sums(logits_of(True), tokens, masked)["nll_sum"]
     return out
 
   res = map_split(config, lambda batch: fn(model_vars, frozen, _numeric(batch)))
