@@ -50,13 +50,15 @@ def test_tf1_resize_matches_reference(h, w, out):
   np.testing.assert_allclose(ours, tf1_resize_reference(x, out, out), atol=2e-4)
 
 
-def test_resize_matrix_rows_are_interpolation_weights():
+def test_resize_taps_are_interpolation_weights():
   for conv in inc.PREPROCESS:
     for n in (1, 5, 64, 299, 512):
-      r = inc.resize_matrix(n, 299, conv)
-      np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-6)
-      assert (r >= 0).all() and ((r > 0).sum(1) <= 2).all()
-    np.testing.assert_array_equal(inc.resize_matrix(299, 299, conv), np.eye(299, dtype=np.float32))
+      lo, hi, lam = inc._bilinear_taps(n, 299, conv)
+      assert ((0 <= lo) & (lo <= hi) & (hi <= lo + 1) & (hi < n)).all()
+      assert ((0 <= lam) & (lam < 1)).all()
+    lo, hi, lam = inc._bilinear_taps(299, 299, conv)
+    np.testing.assert_array_equal(lo, np.arange(299))
+    np.testing.assert_array_equal(lam, 0)
 
 
 def test_preprocess_scaling():

@@ -9,8 +9,9 @@ max pool instead. Features: the global average of Mixed_7c, 2048-d ("pool", what
 1008-way fc on them ("logits"; "logits_unbiased" = without the fc bias, what the Inception Score
 uses in improved-gan, torch-fidelity and OpenAI's evaluator).
 
-Input: uint8 [B, H, W, 3] (any H, W), resized to 299x299 bilinearly by two resize matrices
-(exact, separable, cheap), then scaled to [-1, 1]. Two conventions (`preprocess`):
+Input: uint8 [B, H, W, 3] (any H, W), resized to 299x299 bilinearly (two taps per axis, width
+then height, as the reference kernels; gathers, no matmul), then scaled to [-1, 1]. Two
+conventions (`preprocess`):
   "torch": F.interpolate(mode="bilinear", align_corners=False, antialias=False), x / 127.5 - 1:
            pytorch-fid and upstream VQ-KD's FID (§6).
   "tf1":   tf.compat.v1.image.resize_bilinear(align_corners=False, half_pixel_centers=False) (the
@@ -21,7 +22,8 @@ Precision (`precision_mode`): "exact" = float32 with Precision.HIGHEST on every 
 (pool features within ~5e-7 of pytorch-fid in float32, on CPU and on an H100); "fast" = bfloat16
 activations and weights (float32 resize, pooled features and fc; ~4e-3 off "exact", 7x faster on
 an H100); "tf32" = float32 with the backend's default precision (TF32 on NVIDIA GPUs: ~4e-4 off,
-5x faster). Relative errors are max |a - b| / max |b| on random weights.
+6x faster; FID drift 0.003 at FID 51 on an H200, the fast mode to use). Relative errors are
+max |a - b| / max |b| on random weights.
 
 Weights: `convert_inception(read_state_dict("pt_inception-2015-12-05-6726825d.pth"))` (pytorch-fid's
 key names; torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` uses the same names), or
@@ -87,34 +89,26 @@ def _bilinear_taps(in_size: int, out_size: int, convention: str):
   return lo, hi, lam
 
 
-@lru_cache(maxsize=32)
-def resize_matrix(in_size: int, out_size: int = INPUT_SIZE,
-                  convention: str = "torch") -> np.ndarray:
-  """[out_size, in_size] float32 matrix R of bilinear interpolation along one axis: y = R @ x.
-
-  "torch": src = max((dst + 0.5) * in / out - 0.5, 0) (align_corners=False, no antialias);
-  "tf1": src = dst * in / out (half_pixel_centers=False). Each row has weights 1 - l at floor(src)
-  and l at min(floor(src) + 1, in - 1)."""
-  lo, hi, lam = _bilinear_taps(in_size, out_size, convention)
-  r = np.zeros((out_size, in_size), np.float32)
-  rows = np.arange(out_size)
-  np.add.at(r, (rows, lo), np.float32(1) - lam)
-  np.add.at(r, (rows, hi), lam)
-  return r
+def _lerp_axis(x: jax.Array, axis: int, out_size: int, convention: str) -> jax.Array:
+  """Bilinear interpolation along one axis: x[lo] * (1 - l) + x[hi] * l per output index (the
+  reference kernels' two taps and float32 weights; a gather and an elementwise sum, no matmul)."""
+  lo, hi, lam = _bilinear_taps(x.shape[axis], out_size, convention)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  lam = jnp.asarray(lam).reshape(shape)
+  return (jnp.take(x, jnp.asarray(lo), axis=axis) * (jnp.float32(1) - lam) +
+          jnp.take(x, jnp.asarray(hi), axis=axis) * lam)
 
 
 def resize_bilinear(images: jax.Array, size: int = INPUT_SIZE,
                     convention: str = "torch") -> jax.Array:
-  """float [B, H, W, C] -> float32 [B, size, size, C] by two resize-matrix products (HIGHEST)."""
-  b, h, w, c = images.shape
+  """float [B, H, W, C] -> float32 [B, size, size, C], width then height (as the reference
+  kernels: h-weights * (w-weights * pixels))."""
   x = images.astype(jnp.float32)
-  hi = jax.lax.Precision.HIGHEST
-  if w != size:
-    x = jnp.einsum("jw,bhwc->bhjc", jnp.asarray(resize_matrix(w, size, convention)), x,
-                   precision=hi)
-  if h != size:
-    x = jnp.einsum("ih,bhjc->bijc", jnp.asarray(resize_matrix(h, size, convention)), x,
-                   precision=hi)
+  if x.shape[2] != size:
+    x = _lerp_axis(x, 2, size, convention)
+  if x.shape[1] != size:
+    x = _lerp_axis(x, 1, size, convention)
   return x
 
 
