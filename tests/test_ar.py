@@ -311,6 +311,12 @@ def test_top_k_top_p_against_numpy_reference():
     want = np_top_k_top_p(logits, top_k, top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"{top_k} {top_p}")
     np.testing.assert_array_equal(got[~np.isinf(got)], logits[~np.isinf(want)])
+  # The sampler's sizes (k 600 of a large vocabulary, where the nucleus is found within the top k).
+  wide = (rng.normal(size=(8, 4096)) * rng.uniform(0.5, 6, (8, 1))).astype(np.float32)
+  for top_k, top_p in [(600, 0.92), (600, 0.3), (3000, 0.99), (2, 0.01)]:
+    got = np.asarray(sampling.top_k_top_p_filter(jnp.asarray(wide), top_k, top_p))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(np_top_k_top_p(wide, top_k, top_p)),
+                                  err_msg=f"{top_k} {top_p}")
   # Hand-worked: probabilities .5 .3 .15 .05; ties at the k-th value are kept.
   x = np.log(np.array([[0.15, 0.5, 0.05, 0.3]], np.float32))
   keep = lambda k, p: ~np.isinf(np.asarray(sampling.top_k_top_p_filter(jnp.asarray(x), k, p)))[0]

@@ -61,8 +61,27 @@ def top_p_filter(logits: jax.Array, top_p: float | None) -> jax.Array:
 
 def top_k_top_p_filter(logits: jax.Array, top_k: int | None = 0,
                        top_p: float | None = 1.0) -> jax.Array:
-  """top-k then top-p (transformers' top_k_top_p_filtering with min_tokens_to_keep=1): [B, V]."""
-  return top_p_filter(top_k_filter(logits, top_k), top_p)
+  """top-k then top-p (transformers' top_k_top_p_filtering with min_tokens_to_keep=1): [B, V].
+
+  With both filters on, the nucleus is found among the k largest logits that top-k already returns
+  sorted, instead of by a second sort of all V: token j of the descending order is kept when the
+  probabilities of the tokens before it sum to less than top_p (the same set as the ascending
+  cumulative rule, 1 - that sum <= 1 - top_p removes). The filtered set's normaliser is summed over
+  all V, so ties at the k-th value (kept by top-k) count. Ties at the nucleus boundary are all kept.
+  At V = 16,384 and k = 600 the full argsort and scatter took a large part of an AR sampling step.
+  """
+  v = logits.shape[-1]
+  if not top_k or top_k >= v or top_p is None or top_p >= 1.0:
+    return top_p_filter(top_k_filter(logits, top_k), top_p)
+  top = jax.lax.top_k(logits, int(top_k))[0]                              # descending [B, k]
+  logits = jnp.where(logits < top[..., -1:], -jnp.inf, logits)
+  top = top.astype(jnp.float32)
+  z = jnp.sum(jnp.exp(logits.astype(jnp.float32) - top[..., :1]), axis=-1, keepdims=True)
+  p = jnp.exp(top - top[..., :1]) / z
+  before = jnp.cumsum(p, axis=-1) - p
+  kept = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+  threshold = jnp.take_along_axis(top, kept - 1, axis=-1).astype(logits.dtype)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
 def uses_cfg(cfg_scale: float | None) -> bool:
