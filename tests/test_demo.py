@@ -251,13 +251,22 @@ def test_demo_writes_report_grids_and_verdicts(demo_dir):
 
 
 def test_demo_reuses_finished_stages(demo_dir, capsys):
+  from vqkd_jax.demo import CODE_FINGERPRINT_FILE, code_fingerprint
+
   before = (demo_dir / "run" / "vqgan" / "report_row.json").stat().st_mtime
+  # Every trained stage recorded the code it was trained with; one is made to look older.
+  fingerprint = demo_dir / "run" / "vqgan" / "nar" / CODE_FINGERPRINT_FILE
+  assert fingerprint.read_text().strip() == code_fingerprint()
+  fingerprint.write_text("0123456789ab\n")
   assert _demo(demo_dir, f"--config.row_order={FAST_ROWS}") == 0
+  fingerprint.write_text(code_fingerprint() + "\n")
   out = capsys.readouterr().out
   # 3 shared (CLIP-style teacher, perceptual, evaluator) + VQGAN's tokenizer, AR, NAR, T2I +
   # VQ-KD_CLIP's tokenizer, pixel decoder, AR, NAR, T2I: every stage is reused, none retrained.
   assert out.count("finished earlier, reusing") == 3 + 4 + 5
   assert "done in" not in out
+  stale = [line for line in out.splitlines() if "trained by other code" in line]
+  assert len(stale) == 1 and "vqgan/nar" in stale[0] and "0123456789ab" in stale[0]
   # The rows' metrics come from their caches (not recomputed).
   assert (demo_dir / "run" / "vqgan" / "report_row.json").stat().st_mtime == before
 

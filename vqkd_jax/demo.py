@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import time
@@ -147,6 +149,37 @@ def is_finished(stage_cfg, stage_dir: str) -> bool:
     ckpt.close()
 
 
+CODE_FINGERPRINT_FILE = "code_fingerprint"
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+  """12 hex digits of the SHA-256 of the package's Python sources (relative paths and bytes): what
+  a stage was trained with. A reused stage of another fingerprint is reported (not retrained: a
+  finished directory is never overwritten), so that a table is not read as one code version's
+  when its stages were trained by several."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  h = hashlib.sha256()
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        h.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+          h.update(f.read() + b"\0")
+  return h.hexdigest()[:12]
+
+
+def stage_fingerprint(stage_dir: str) -> str | None:
+  """The code fingerprint a finished stage was trained with (None: not recorded)."""
+  try:
+    with open(os.path.join(stage_dir, CODE_FINGERPRINT_FILE)) as f:
+      return f.read().strip() or None
+  except OSError:
+    return None
+
+
 def _clock(seconds: float) -> str:
   seconds = max(0, int(round(seconds)))
   return f"{seconds // 60}:{seconds % 60:02d}"
@@ -226,6 +259,7 @@ def train_stage(config, workdir: str, log_path: str | None = None) -> tuple[floa
   t = time.time()
   if log_path is None:
     result = train(config, workdir)
+    _record_fingerprint(workdir)
     return time.time() - t, _eval_summary(result.history)
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   with open(log_path, "a") as log, contextlib.redirect_stdout(log), \
@@ -239,7 +273,13 @@ def train_stage(config, workdir: str, log_path: str | None = None) -> tuple[floa
       result = train(config, workdir)
     finally:
       root.handlers, root.level = old_handlers, old_level
+  _record_fingerprint(workdir)
   return time.time() - t, _eval_summary(result.history)
+
+
+def _record_fingerprint(workdir: str) -> None:
+  with open(os.path.join(workdir, CODE_FINGERPRINT_FILE), "w") as f:
+    f.write(code_fingerprint() + "\n")
 
 
 def _latest_step(workdir: str) -> int | None:
@@ -259,7 +299,11 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
   todo = []
   for i, stage in enumerate(stages):
     if is_finished(stage.config, stage.workdir):
-      print(progress.line(f"{stage.name}: finished earlier, reusing"), flush=True)
+      trained_by = stage_fingerprint(stage.workdir)
+      stale = "" if trained_by == code_fingerprint() else (
+          f" (trained by other code: {trained_by or 'unrecorded'}, now {code_fingerprint()}; "
+          f"remove {stage.workdir} to retrain it)")
+      print(progress.line(f"{stage.name}: finished earlier, reusing{stale}"), flush=True)
       progress.finish(i, None)
       done.add(stage.workdir)
     else:
