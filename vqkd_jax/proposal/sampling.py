@@ -68,7 +68,8 @@ def top_k_top_p_filter(logits: jax.Array, top_k: int | None = 0,
   probabilities of the tokens before it sum to less than top_p (the same set as the ascending
   cumulative rule, 1 - that sum <= 1 - top_p removes). The filtered set's normaliser is summed over
   all V, so ties at the k-th value (kept by top-k) count. Ties at the nucleus boundary are all kept.
-  At V = 16,384 and k = 600 the full argsort and scatter took a large part of an AR sampling step.
+  At V = 16,384 and k = 600 this made AR sampling 2-3% faster than that sort and scatter (H200,
+  Llama medium, batch 64: 137 -> 140 img/s with CFG, 186 -> 192 without).
   """
   v = logits.shape[-1]
   if not top_k or top_k >= v or top_p is None or top_p >= 1.0:

@@ -17,6 +17,9 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be read; the message names the directory and the cause."""
 
 
+_CPU_HANDLER_SET = False
+
+
 def _no_replica_parallel_saves_on_cpu() -> None:
   """On the CPU backend, saves write each replicated array from one replica: orbax's default there
   (replica-parallel) slices every array per replica first, one XLA compile per array shape (136
@@ -28,9 +31,6 @@ def _no_replica_parallel_saves_on_cpu() -> None:
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
   _CPU_HANDLER_SET = True
-
-
-_CPU_HANDLER_SET = False
 
 
 class Checkpointer:
