@@ -153,7 +153,8 @@ def masked_token_sums(logits: jax.Array, codes: jax.Array, mask: jax.Array) -> d
 
 class NARBlock(nn.Module):
   """Pre-LN bidirectional block: x + Drop(Attn(LN(x))), x + Drop(MLP(LN(x))). [B, L, D] -> same.
-  No attention mask, so `attention="auto"` runs cuDNN's fused kernel on GPU in bfloat16.
+  No attention mask, so `attention="auto"` runs cuDNN's fused kernel on GPU in bfloat16 (with
+  train=False, when no gradient is taken, unpadded: `nn.attention.dot_product_attention`).
   cross_attention: x + Drop(CrossAttn(LN(x), context)) between the two, over a context [B, Lc, D]
   with its padding mask [B, Lc]."""
   num_heads: int
@@ -172,7 +173,7 @@ class NARBlock(nn.Module):
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
     h = layer_norm("norm1", self.dtype, self.norm_eps)(x)
     h = MultiHeadAttention(self.num_heads, out_init_std=self.out_init_std, dtype=self.dtype,
-                           implementation=self.attention, name="attn")(h)
+                           implementation=self.attention, name="attn")(h, differentiable=train)
     x = x + drop(h)
     if self.cross_attention:
       h = layer_norm("norm_cross", self.dtype, self.norm_eps)(x)
