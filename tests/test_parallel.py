@@ -1,4 +1,5 @@
-"""Mesh shapes and logical-axis rules (the multi-device equivalence is in test_training.py)."""
+"""Mesh shapes, logical-axis rules and per-function XLA options (the multi-device equivalence is in
+test_training.py)."""
 
 import jax
 import numpy as np
@@ -7,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from vqkd_jax.parallel import mesh as mesh_lib
 from vqkd_jax.parallel.strategies import STRATEGIES, get_strategy
+from vqkd_jax.parallel.xla_options import CUBLAS_GEMMS, NCHW_CONVS, jit_with_options
 
 
 def test_resolve_mesh_shape():
@@ -45,3 +47,22 @@ def test_every_strategy_is_a_table():
     get_strategy("zero3")
   for s in STRATEGIES.values():
     assert dict(s.rules)["batch"] == ("data", "fsdp")
+
+
+def test_jit_with_options_passes_options_at_top_level_only():
+  scale = lambda x, n: x * n + 1.0
+  x = np.arange(4, dtype=np.float32)
+  # A misspelt option reaches XLA (which names it) when the function is called at top level.
+  misspelt = jit_with_options(scale, {"xla_gpu_enable_trton_gemm": False}, static_argnames="n")
+  with pytest.raises(Exception, match="xla_gpu_enable_trton_gemm"):
+    misspelt(x, n=2)
+  # Inside another trace JAX forbids the options; the call runs under the caller's instead:
+  # traced arguments, and concrete ones with the trace entered through a closure.
+  expected = x * 3 + 1.0
+  np.testing.assert_array_equal(jax.jit(lambda y: misspelt(y, n=3))(x), expected)
+  np.testing.assert_array_equal(jax.jit(lambda y: misspelt(x, n=3) + 0 * y)(x), expected)
+  assert "mul" in str(jax.make_jaxpr(lambda y: misspelt(y, n=3))(x))
+  # The project's options are known to XLA on this backend, and leave the function unchanged.
+  for options in (CUBLAS_GEMMS, NCHW_CONVS):
+    np.testing.assert_array_equal(jit_with_options(scale, options, static_argnames="n")(x, n=3),
+                                  expected)

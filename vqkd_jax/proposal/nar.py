@@ -50,6 +50,7 @@ import optax
 from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
 from vqkd_jax.nn.cross_attention import CrossAttention
 from vqkd_jax.nn.vit import Mlp, layer_norm
+from vqkd_jax.parallel.xla_options import CUBLAS_GEMMS, jit_with_options
 from vqkd_jax.proposal.ar import class_token_ids, image_token_offset, null_class_id
 from vqkd_jax.proposal.sampling import (cast_floats, cfg_combine, guidance_context_rows,
                                         guidance_prefix_rows)
@@ -363,9 +364,13 @@ def _decode(logits_fn, b, rng, example_offset, *, num_image_tokens, num_classes,
 
 _STATIC = ("model", "num_image_tokens", "num_classes", "codebook_size", "steps", "cfg_scale",
            "cfg_schedule", "temperature", "choice_temperature", "return_history")
+# The decoder's matmuls through cuBLAS, which fuses their bias + tanh-GELU epilogues (H200, bf16,
+# 24 x 768, 8 steps, batch 64: 463 -> 509 images/s; see parallel/xla_options.py).
+_sampler = functools.partial(jit_with_options, compiler_options=CUBLAS_GEMMS,
+                             static_argnames=_STATIC)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@_sampler
 def _sample(model, variables, labels, rng, example_offset, **static):
   variables = cast_floats(variables, model.dtype)
   cls = labels.astype(jnp.int32)
@@ -375,7 +380,7 @@ def _sample(model, variables, labels, rng, example_offset, **static):
   return _decode(logits_fn, labels.shape[0], rng, example_offset, **static)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@_sampler
 def _sample_prefix(model, variables, prefix, context, context_mask, rng, example_offset,
                    **static):
   variables = cast_floats(variables, model.dtype)
