@@ -1,15 +1,15 @@
 """XLA compiler options for one compiled function, and a jit that applies them where JAX allows.
 
 Options are per function (`jax.jit(..., compiler_options=...)`), not process-wide XLA_FLAGS, so one
-process can run computations that want different choices. Other backends ignore the GPU options.
-Measured on an H200 (each against XLA's defaults in the same session):
+process can run computations that want different choices. The CPU backend accepts the GPU options
+and ignores them (tests/test_parallel.py); on TPU they are not tried. Measured on an H200 (each against XLA's defaults in the same session):
 
   CUBLAS_GEMMS: every matmul through cuBLAS / cuBLASLt instead of XLA's autotuned Triton GEMM
     fusions; cuBLASLt then takes the bias and tanh-GELU epilogues. NAR sampling (24 x 768, bf16,
     8 steps, batch 64) 463 -> 509 images/s without CFG, 247 -> 263 with (the whole process under
-    the flag: 523 / 272). Not used elsewhere:
-    AR sampling with its KV cache is slower (141 -> 132), and the VQ-KD, GPT-2 and Llama training
-    steps are unchanged (38.3 -> 38.8%, 32.9 -> 32.8%, 51.1 -> 51.1% MFU).
+    the flag: 523 / 272). Not used elsewhere: AR sampling with its KV cache is slower
+    (141 -> 132), and the VQ-KD, GPT-2 and Llama training steps are unchanged (38.3 -> 38.8%,
+    32.9 -> 32.8%, 51.1 -> 51.1% MFU).
   NCHW_CONVS: cuDNN convolutions in NCHW layout. The FID Inception in exact float32 (batch 256)
     2,289 -> 2,796 images/s; float32 cuDNN kernels without tensor cores are faster in NCHW.
 """
