@@ -691,7 +691,8 @@ def test_imagenet_ar_config_sizes_and_recipe():
   assert load_config("configs/imagenet/ar.py").model.tie_embeddings   # gpt2 by default
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama,rope=2d"])
+@pytest.mark.parametrize("variant", [pytest.param("gpt2", marks=pytest.mark.slow),  # 26 s
+                                     "llama,rope=2d"])
 def test_imagenet_ar_bench_train_and_sample_runlocal(variant, capsys):
   """`vqkd bench train` on random codes (no tokenizer) and `vqkd bench sample` with random
   weights, at the runlocal size."""

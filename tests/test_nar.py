@@ -268,6 +268,7 @@ def test_bfloat16_sampling(model_and_params):
 
 # ------------------------------------------------------------------------------ stage
 
+@pytest.mark.slow  # 45 s; the demo fixture (tests/test_demo.py) trains NAR stages and samples them
 def test_nar_stage_trains_through_the_loop_and_loads(tmp_path):
   """A tiny Cluster tokenizer (random ViT teacher, as tests/test_cluster.py), then the demo NAR
   config for a few steps with validation; load_nar gives a model that samples the tokenizer's

@@ -277,6 +277,7 @@ def _config(workdirs, steps=3):
   return c
 
 
+@pytest.mark.slow  # 55 s; the demo fixture (tests/test_demo.py) trains T2I stages and samples them
 def test_stage_trains_through_the_loop_and_samples_with_cfg(workdirs, tmp_path):
   import dataclasses
 

@@ -261,8 +261,10 @@ def _config(workdirs, arg):
 
 
 @pytest.mark.parametrize("arg", [
-    "proposal=ar", "conditioning=cross_attention,variant=llama,rope=2d", "proposal=nar",
-    "proposal=nar,conditioning=cross_attention"])
+    "proposal=ar",
+    pytest.param("conditioning=cross_attention,variant=llama,rope=2d", marks=pytest.mark.slow),
+    pytest.param("proposal=nar", marks=pytest.mark.slow),
+    "proposal=nar,conditioning=cross_attention"])  # 25 s each; two in the default suite
 def test_loss_decreases_on_a_fixed_batch(workdirs, arg):
   """make_objective of each network and conditioning (the AR prefix model the stage's default);
   the loss starts near log K (uniform over the 32 codes) and falls when fitting one batch."""

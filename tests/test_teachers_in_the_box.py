@@ -243,6 +243,7 @@ def _teacher(kind, workdir):
 IMAGES = np.random.default_rng(6).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow  # 40 s; the full demo (tests/test_demo.py, slow) trains it
 def test_mae_stage_trains_and_loads_as_teacher(data_dir, tmp_path):
   from vqkd_jax.teachers.in_the_box_mae import MaskedAutoencoder
   from vqkd_jax.train import teacher_mae
@@ -260,6 +261,7 @@ def test_mae_stage_trains_and_loads_as_teacher(data_dir, tmp_path):
     _teacher("clip", str(tmp_path))
 
 
+@pytest.mark.slow  # 50 s; the demo fixture (tests/test_demo.py) trains it for VQ-KD and T2I
 def test_clip_stage_trains_and_loads_as_teacher_and_text_tower(data_dir, tmp_path):
   from vqkd_jax.teachers.in_the_box_clip import ContrastiveImageText
   from vqkd_jax.train.teacher_clip import load_clip
@@ -279,6 +281,7 @@ def test_clip_stage_trains_and_loads_as_teacher_and_text_tower(data_dir, tmp_pat
   assert text.shape == (2, 96) and np.allclose(text[0], text[1])
 
 
+@pytest.mark.slow  # 40 s; the full demo (tests/test_demo.py, slow) trains it
 def test_dino_stage_trains_and_exports_the_ema_teacher(data_dir, tmp_path):
   from vqkd_jax.train import teacher_dino
 

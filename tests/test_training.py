@@ -40,17 +40,33 @@ def _flat(tree):
           jax.tree_util.tree_leaves_with_path(tree)}
 
 
+# name -> (strategy, devices, mesh axis sizes) of a toy-stage run compared with one device.
+_STRATEGY_RUNS = {"single": ("dp", 1, {}), "pmap": ("pmap", 8, {}), "dp": ("dp", 8, {}),
+                  "fsdp": ("fsdp", 8, {}), "tp": ("tp", 8, {}),
+                  "fsdp_tp": ("fsdp_tp", 8, {"fsdp": 4, "tensor": 2}),
+                  "fsdp_host_init": ("fsdp", 8, {})}
+
+
+def test_data_and_fsdp_tp_strategies_match_one_device(tmp_path):
+  """DP and the FSDP x TP mix (every mesh axis) in the default suite; the rest in the slow test."""
+  _check_strategies_match_one_device(tmp_path, ("dp", "fsdp_tp"))
+
+
+@pytest.mark.slow  # 7 runs on 8 CPU devices: 3-4 minutes on 2 cores
 def test_all_strategies_match_one_device(tmp_path):
+  _check_strategies_match_one_device(
+      tmp_path, ("pmap", "dp", "fsdp", "tp", "fsdp_tp", "fsdp_host_init"))
+
+
+def _check_strategies_match_one_device(tmp_path, strategies):
   out = tmp_path / "results.npz"
+  runs = [(name, *_STRATEGY_RUNS[name]) for name in ("single", *strategies)]
   _run_script(f"""
       import jax, numpy as np
       from vqkd_jax.train import loop
       from toy_stage import toy_config, toy_objective
       results = {{}}
-      runs = [("single", "dp", 1, {{}}), ("pmap", "pmap", 8, {{}}), ("dp", "dp", 8, {{}}),
-              ("fsdp", "fsdp", 8, {{}}), ("tp", "tp", 8, {{}}),
-              ("fsdp_tp", "fsdp_tp", 8, {{"fsdp": 4, "tensor": 2}}),
-              ("fsdp_host_init", "fsdp", 8, {{}})]
+      runs = {runs!r}
       for name, strategy, n, mesh in runs:
         c = toy_config(parallel__strategy=strategy, parallel__num_devices=n, checkpoint_every=100)
         c.parallel.init_on = "host" if name.endswith("host_init") else "device"
@@ -69,7 +85,7 @@ def test_all_strategies_match_one_device(tmp_path):
   single = {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith("single/")}
   assert len(single["loss"]) == 6
   assert any("codebook" in k for k in single), "codebook state must be compared too"
-  for strategy in ("pmap", "dp", "fsdp", "tp", "fsdp_tp", "fsdp_host_init"):
+  for strategy in strategies:
     for key, ref in single.items():
       got = res[f"{strategy}/{key}"]
       if ref.dtype == bool or np.issubdtype(ref.dtype, np.integer):
