@@ -14,6 +14,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
+# The tests add the PyTorch CPU reference (torch-ref: the ports' parity tests; never imported by the
+# package itself).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e ".[data,hf,test,torch-ref]"
+	touch $@
+
 # The main job: the walking skeleton on the built-in dataset (36 minutes on 2 CPU cores, measured).
 demo: setup
 	$(VENV)/bin/vqkd demo --workdir $(DEMO_WORKDIR)
@@ -21,10 +27,10 @@ demo: setup
 # The test suite (slow tests excluded; `make test-slow` runs them), on TEST_WORKERS processes, one
 # test file per worker at a time (module fixtures such as the demo run stay in one process).
 TEST_WORKERS ?= 2
-test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=30 -rs tests
 
-test-slow: setup
+test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
 clean:
