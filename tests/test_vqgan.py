@@ -57,7 +57,7 @@ def test_imagenet_configs_build_the_upstream_trunk(codes, grid_dim):
   assert 71.5e6 < n < 72.5e6, n
 
 
-@pytest.mark.slow  # 70 s; the demo fixture (tests/test_demo.py) trains a VQGAN stage and loads it frozen
+@pytest.mark.slow  # 70 s; the demo fixture (tests/test_demo.py) trains a VQGAN stage, loads it frozen
 def test_vqgan_stage_trains_and_loads_as_frozen_tokenizer(tmp_path):
   from vqkd_jax.tokenizers.frozen import load_frozen_tokenizer
   from vqkd_jax.train.loop import train

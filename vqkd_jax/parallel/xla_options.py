@@ -2,7 +2,8 @@
 
 Options are per function (`jax.jit(..., compiler_options=...)`), not process-wide XLA_FLAGS, so one
 process can run computations that want different choices. The CPU backend accepts the GPU options
-and ignores them (tests/test_parallel.py); on TPU they are not tried. Measured on an H200 (each against XLA's defaults in the same session):
+and ignores them (tests/test_parallel.py); on TPU they are not tried. Measured on an H200 (each
+against XLA's defaults in the same session):
 
   CUBLAS_GEMMS: every matmul through cuBLAS / cuBLASLt instead of XLA's autotuned Triton GEMM
     fusions; cuBLASLt then takes the bias and tanh-GELU epilogues. NAR sampling (24 x 768, bf16,
