@@ -20,6 +20,25 @@ def test_unknown_subcommand_and_missing_config(tmp_path, capsys):
   assert rc == 2 and "config file not found" in capsys.readouterr().err
 
 
+def test_bench_pipeline_refuses_unknown_rows_and_too_few_steps(capsys):
+  rc = cli.main(["bench", "pipeline", "--config", "configs/demo/demo.py:runlocal", "--rows",
+                 "vqgan,vqkd_xyz", "--steps", "3"])
+  assert rc == 2 and "['vqkd_xyz']" in capsys.readouterr().err
+  rc = cli.main(["bench", "pipeline", "--config", "configs/demo/demo.py:runlocal", "--steps", "2"])
+  assert rc == 2 and "at least 3 steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_pipeline_trains_a_row_and_the_shared_stages_it_reads(capsys, tmp_path):
+  from vqkd_jax import bench
+  from vqkd_jax.config import load_config
+  rows = bench.bench_pipeline(load_config("configs/demo/demo.py:runlocal"), steps=3, rows=("fsq",),
+                              workdir=str(tmp_path))
+  assert [r["stage"] for r in rows] == ["shared/perceptual", "shared/evaluator", "fsq/tokenizer",
+                                        "fsq/ar", "fsq/nar"]
+  assert all(float(r["step_ms"]) > 0 and float(r["setup_s"]) >= 0 for r in rows)
+
+
 def test_override_with_separate_value(tmp_path, capsys):
   rc = cli.main(["train", "--config", "configs/demo/teacher.py:runlocal", "--workdir",
                  str(tmp_path), "--config.optimizer.lr", "fast"])

@@ -6,7 +6,7 @@ import pytest
 
 from vqkd_jax import cli
 from vqkd_jax.config import (ConfigError, apply_overrides, load_config,
-                             load_config_with_overrides, parse_arg, training_config)
+                             load_config_with_overrides, parse_arg, scale_steps, training_config)
 
 
 @pytest.fixture
@@ -70,3 +70,16 @@ def test_training_config_locked_rejects_typos():
   c.lock()
   with pytest.raises(AttributeError):
     c.totl_steps = 3
+
+
+def test_scale_steps_scales_warmup_and_gan_start_with_the_steps():
+  from vqkd_jax.train.optimizers import optimizer_config
+  c = training_config("vqgan", total_steps=1000)
+  c.log_every = 100
+  c.optimizer = optimizer_config(lr=1e-3, warmup_steps=100)
+  c.disc_optimizer = optimizer_config(lr=1e-3, warmup_steps=30)
+  c.gan = {"start": 680, "weight": 0.1}
+  scale_steps(c, 250)  # ratio 1/4
+  assert (c.total_steps, c.eval_every, c.checkpoint_every, c.log_every) == (250, 250, 250, 62)
+  assert (c.optimizer.warmup_steps, c.disc_optimizer.warmup_steps, c.gan.start) == (25, 8, 170)
+  assert c.gan.weight == 0.1

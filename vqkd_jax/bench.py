@@ -103,33 +103,51 @@ def bench_train(config, steps: int = 20, peak_tflops: float = 780.0, warmup: int
   return row
 
 
-def bench_pipeline(demo_config, steps: int = 30, workdir: str | None = None) -> list[dict]:
-  """Runs every stage of the demo config for `steps` updates on synthetic data (each stage reading
-  the previous stage's checkpoint) and returns a row per stage with the step time measured over the
-  last third of the steps (compilation excluded)."""
+def bench_pipeline(demo_config, steps: int = 30, rows: tuple = (), workdir: str | None = None
+                   ) -> list[dict]:
+  """Trains the stages of a demo config (configs/demo/demo.py) in the demo's order, each for `steps`
+  updates on the built-in data (its warm-up and GAN start scaled with the steps, as the demo's size
+  variants do) and reading the checkpoints of the stages before it; `rows` restricts the plan to
+  those rows and the shared stages they read. Returns a row per stage: the step time over the last
+  third of the steps, images/s, and setup_s (the stage's wall time less its steps at that rate:
+  building, compiling, restoring, saving)."""
   import tempfile
 
-  from vqkd_jax.demo import STAGES, stage_configs
+  from vqkd_jax.config import ConfigError, scale_steps
+  from vqkd_jax.demo import plan
   from vqkd_jax.train.loop import train
 
+  if steps < 3:
+    raise ConfigError(f"bench pipeline needs at least 3 steps (it times the last third), got {steps}")
+  cfg = demo_config.copy_and_resolve_references()
+  if rows:
+    unknown = sorted(set(rows) - set(cfg.row_order))
+    if unknown:
+      raise ConfigError(f"rows {unknown} are not in the config's rows {list(cfg.row_order)}")
+    with cfg.unlocked():
+      cfg.row_order = tuple(r for r in cfg.row_order if r in rows)
+  with cfg.unlocked():
+    cfg.seeds = 1
   workdir = workdir or tempfile.mkdtemp(prefix="vqkd_bench_")
-  configs, _ = stage_configs(demo_config, workdir)
-  rows = []
-  window = max(steps // 3, 1)
-  for name in STAGES:
-    c = configs[name]
+  stages, _, _ = plan(cfg, workdir)
+  out = []
+  window = steps // 3
+  for s in stages:
+    c = s.config
     with c.unlocked():
-      c.data.synthetic = True
-      c.total_steps = steps
+      scale_steps(c, steps)
       c.log_every = window
       c.eval_every = 0
-      c.checkpoint_every = steps
-    result = train(c, f"{workdir}/{name}")
+    start = time.perf_counter()
+    result = train(c, s.workdir)
+    wall = time.perf_counter() - start
     last = [h for h in result.history if "steps_per_sec" in h][-1]
-    rows.append({"stage": name, "device": jax.devices()[0].device_kind, "precision": c.precision,
-                 "batch": c.batch_size, "step_ms": f"{1e3 / last['steps_per_sec']:.1f}",
-                 "images/s": f"{last['examples_per_sec']:.0f}", "loss": f"{last['loss']:.4f}"})
-  return rows
+    step_s = 1.0 / last["steps_per_sec"]
+    out.append({"stage": s.name, "kind": c.stage, "device": jax.devices()[0].device_kind,
+                "precision": c.precision, "batch": c.batch_size,
+                "step_ms": f"{1e3 * step_s:.1f}", "images/s": f"{last['examples_per_sec']:.0f}",
+                "setup_s": f"{max(wall - steps * step_s, 0.0):.1f}", "loss": f"{last['loss']:.4f}"})
+  return out
 
 
 def bench_fid(batch: int = 256, image_size: int = 256, mode: str = "exact", steps: int = 10,
@@ -230,11 +248,11 @@ def fid_drift(params, mode: str, n: int = 5000, batch: int = 256, image_size: in
           "drift_images": 2 * n}
 
 
-def main(what: str, config, steps: int, peak_tflops: float) -> None:
+def main(what: str, config, steps: int, peak_tflops: float, rows: tuple = ()) -> None:
   if what == "train":
     row = bench_train(config, steps=steps, peak_tflops=peak_tflops)
   elif what == "pipeline":
-    print(_table(bench_pipeline(config, steps=steps)))
+    print(_table(bench_pipeline(config, steps=steps, rows=rows)))
     return
   else:
     from vqkd_jax.api import bench_nar_sampling, bench_sampling

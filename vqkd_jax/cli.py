@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("what", choices=["train", "sample", "pipeline", "fid"],
                  help="train: one stage's update step; sample: AR or NAR sampling (by the "
                  "config's stage); pipeline: every stage "
-                 "of a demo config for --steps steps on synthetic data; fid: the FID Inception "
+                 "of a demo config for --steps steps on the built-in data; fid: the FID Inception "
                  "forward (random weights) and the Frechet distance")
   b.add_argument("--config", default=None, help="required except for fid")
   b.add_argument("--batch", type=int, default=256, help="fid: batch size")
@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="fid, modes other than exact: images per set of the FID drift against exact "
                  "(0: skip)")
   b.add_argument("--steps", type=int, default=20)
+  b.add_argument("--rows", default="",
+                 help="pipeline: comma-separated rows of the demo config (default: every row)")
   b.add_argument("--peak_tflops", type=float, default=780.0,
                  help="measured bf16 peak per device for MFU (H100: ~780)")
 
@@ -231,7 +233,8 @@ def _run(args, overrides: list[str]) -> int:
     if args.config is None:
       raise ConfigError(f"vqkd bench {args.what} needs --config")
     config = load_config_with_overrides(args.config, overrides)
-    bench.main(args.what, config, steps=args.steps, peak_tflops=args.peak_tflops)
+    bench.main(args.what, config, steps=args.steps, peak_tflops=args.peak_tflops,
+               rows=tuple(r for r in args.rows.split(",") if r))
     return 0
   if args.command == "convert":
     if args.what == "lpips":

@@ -186,3 +186,18 @@ def training_config(stage: str, **fields) -> ml_collections.ConfigDict:
   for key, value in fields.items():
     config[key] = value
   return config
+
+
+def scale_steps(c: ml_collections.ConfigDict, steps: int) -> None:
+  """Sets a stage's total_steps (and its eval / checkpoint / log cadence) to `steps`, scaling the
+  warm-up and the GAN start by the same ratio."""
+  ratio = steps / c.total_steps
+  c.total_steps = steps
+  c.eval_every = steps
+  c.checkpoint_every = steps
+  c.log_every = max(1, min(c.log_every, steps // 4))
+  for group in ("optimizer", "disc_optimizer"):
+    if group in c and "warmup_steps" in c[group]:
+      c[group].warmup_steps = int(round(c[group].warmup_steps * ratio))
+  if "gan" in c and c.gan is not None and "start" in c.gan:
+    c.gan.start = int(round(c.gan.start * ratio))

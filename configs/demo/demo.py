@@ -33,7 +33,7 @@ import os
 
 import ml_collections
 
-from vqkd_jax.config import load_config, parse_arg
+from vqkd_jax.config import load_config, parse_arg, scale_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,21 +82,6 @@ DECODER_WIDTH = {"default": 16, "gpu": 32}
 # Stages whose own evaluation runs at their end (the teachers' token similarity and patch probe,
 # the evaluator's accuracy); the report measures every other stage itself.
 EVALUATED = ("teacher_vit", "teacher_mae", "teacher_clip", "teacher_dino", "evaluator")
-
-
-def scale_steps(c: ml_collections.ConfigDict, steps: int) -> None:
-  """Sets a stage's total_steps (and its eval / checkpoint / log cadence) to `steps`, scaling the
-  warm-up and the GAN start by the same ratio."""
-  ratio = steps / c.total_steps
-  c.total_steps = steps
-  c.eval_every = steps
-  c.checkpoint_every = steps
-  c.log_every = max(1, min(c.log_every, steps // 4))
-  for group in ("optimizer", "disc_optimizer"):
-    if group in c and "warmup_steps" in c[group]:
-      c[group].warmup_steps = int(round(c[group].warmup_steps * ratio))
-  if "gan" in c and c.gan is not None and "start" in c.gan:
-    c.gan.start = int(round(c.gan.start * ratio))
 
 
 def get_config(arg=None):
