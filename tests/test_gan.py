@@ -138,10 +138,18 @@ def test_one_gan_step_gradients_reach_only_their_player(start, adaptive):
       params, model_state, obj.frozen, batch, jax.random.PRNGKey(1), True)
   want_g, want_d, lam = _reference_gradients(c, params, model_state, batch, active)
   for got, want in ((grads["tokenizer"], want_g), (grads["discriminator"], want_d)):
+    # Leaves whose gradient is zero in exact arithmetic (attention key biases: softmax ignores a
+    # shift shared by all keys; conv biases right before a GroupNorm) hold float32 rounding noise
+    # (1e-10 to 1e-6 of the player's largest gradient, by evaluation order and CPU): both sides
+    # must be noise there; every other leaf is compared at its own scale.
+    player = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(want)) + 1e-12
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-      scale = float(np.max(np.abs(b))) + 1e-8
-      np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-4,
-                                 err_msg=jax.tree_util.keystr(path))
+      a, b, name = np.asarray(a), np.asarray(b), jax.tree_util.keystr(path)
+      scale = float(np.max(np.abs(b)))
+      if scale < 1e-5 * player:
+        assert float(np.max(np.abs(a))) < 1e-5 * player, name
+        continue
+      np.testing.assert_allclose(a / scale, b / scale, atol=2e-4, err_msg=name)
   if active:
     np.testing.assert_allclose(float(metrics["gan/adaptive_weight"]), lam, rtol=1e-3)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["discriminator"]))
