@@ -99,6 +99,34 @@ def test_decode_logits_equal_full_forward(model_and_params):
   np.testing.assert_allclose(np.concatenate(got, 1), full, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
+  """fuse_for_decoding: q / k / v (and Llama's gate / up) as one kernel each, in their own
+  collection, the originals left out; decoding logits as with the model's own kernels, and the
+  model's parameter tree untouched."""
+  model, params = model_and_params
+  before = jax.tree.map(np.asarray, params)
+  variables = ar_lib.fuse_for_decoding({"params": params})
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
+  fused = variables[ar_lib.DECODE]["block0"]
+  assert fused["attn"]["qkv"].shape == (32, 3, 2, 16)
+  assert ("qkv_bias" in fused["attn"]) == (model.flavour == "gpt2")
+  assert ("gate_up" in fused) == (model.flavour == "llama")
+  assert "query" not in variables["params"]["block0"]["attn"]
+  seq = jnp.asarray(_tokens(np.random.default_rng(2), 3, NUM_TOKENS))
+  decode = jax.jit(lambda v, tok, pos, cache: model.apply(v, tok, positions=pos, cache=cache))
+  for v in ({"params": params}, variables):
+    cache = model.init_cache(3)
+    logits, cache = decode(v, seq[:, :4], jnp.arange(4), cache)
+    got = [logits]
+    for i in range(4, seq.shape[1]):
+      logits, cache = decode(v, seq[:, i:i + 1], jnp.array([i]), cache)
+      got.append(logits)
+    got = np.concatenate(got, 1)
+    if v is variables:
+      np.testing.assert_allclose(got, plain, atol=1e-6, rtol=1e-6)
+    plain = got
+
+
 def test_causal(model_and_params):
   model, params = model_and_params
   seq = _tokens(np.random.default_rng(1), 2)
@@ -407,6 +435,12 @@ def test_cached_sampling_equals_full_recompute(model_and_params):
   assert [sampling.default_cache_segments(n) for n in (9, 64, 128, 256, 1024)] == [1, 1, 2, 4, 4]
   np.testing.assert_array_equal(
       sampling.sample(model, params, labels, rng=rng, cache_segments=4, **SAMPLE_KW), full)
+  # Fused decoding kernels (through cuBLAS GEMMs on GPUs; the CPU ignores that option).
+  for kernels in ("fused", "fused_cublas"):
+    np.testing.assert_array_equal(sampling.sample(model, params, labels, rng=rng,
+                                                  decode_kernels=kernels, **SAMPLE_KW), full)
+  with pytest.raises(ValueError, match="decode_kernels"):
+    sampling.sample(model, params, labels, rng=rng, decode_kernels="fast", **SAMPLE_KW)
   other = np.asarray(sampling.sample(model, params, labels, rng=jax.random.PRNGKey(7), **SAMPLE_KW))
   assert (other != cached).mean() > 0.3
   assert (cached[3] != cached[4]).any()   # same label, different example index: different streams

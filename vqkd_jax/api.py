@@ -498,8 +498,10 @@ def _time_calls(run, steps: int) -> tuple[float, float]:
 
 def bench_sampling(config, steps: int = 3) -> list[dict]:
   """Images per second of AR sampling with a randomly initialised model of config.model's size:
-  one row with config.sampling's CFG and filters, one without guidance (half the rows per step)."""
-  from vqkd_jax.proposal.sampling import sample
+  rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
+  one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
+  sampling.DECODE_KERNELS; they sample the same tokens)."""
+  from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
   from vqkd_jax.train import ar as ar_stage
 
   _check_bench_group(config)
@@ -513,17 +515,20 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   labels = jnp.arange(b) % config.data.num_classes
   rows = []
   for cfg in dict.fromkeys((config.sampling.cfg_scale, None)):
-    run = lambda seed: sample(model, params, labels, num_image_tokens=num_tokens,
-                              num_classes=config.data.num_classes,
-                              codebook_size=config.bench.codebook_size,
-                              rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
-                              top_k=config.sampling.top_k, top_p=config.sampling.top_p)
-    compile_s, seconds = _time_calls(run, steps)
-    rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
-                 "precision": config.precision, "batch": b, "tokens": num_tokens,
-                 "cfg": cfg or "off", "top_k": config.sampling.top_k,
-                 "top_p": config.sampling.top_p, "first call s": f"{compile_s:.1f}",
-                 "seconds/batch": f"{seconds:.3f}", "images/s": f"{b / seconds:.0f}"})
+    for kernels in config.bench.get("decode_kernels", DECODE_KERNELS):
+      run = lambda seed: sample(model, params, labels, num_image_tokens=num_tokens,
+                                num_classes=config.data.num_classes,
+                                codebook_size=config.bench.codebook_size,
+                                rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
+                                top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+                                decode_kernels=kernels)
+      compile_s, seconds = _time_calls(run, steps)
+      rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
+                   "precision": config.precision, "batch": b, "tokens": num_tokens,
+                   "cfg": cfg or "off", "top_k": config.sampling.top_k,
+                   "top_p": config.sampling.top_p, "kernels": kernels,
+                   "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
+                   "images/s": f"{b / seconds:.0f}"})
   return rows
 
 

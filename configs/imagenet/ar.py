@@ -65,8 +65,10 @@ def get_config(arg=None):
   c.sampling = ml_collections.ConfigDict(dict(
       cfg_scale=1.75, temperature=1.0, top_k=600, top_p=0.92))
   # `vqkd bench sample` / `bench train --config.data.synthetic=True`: random weights at this size
-  # and random codes of this grid and codebook, no tokenizer.
-  c.bench = ml_collections.ConfigDict(dict(grid=16, codebook_size=8192))
+  # and random codes of this grid and codebook, no tokenizer; `bench sample` times each layout of
+  # the decoding kernels (proposal/sampling.DECODE_KERNELS).
+  c.bench = ml_collections.ConfigDict(dict(grid=16, codebook_size=8192, decode_kernels=(
+      "separate", "fused", "fused_cublas")))
   c.optimizer = optimizer_config(lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                                  schedule="cosine", end_lr=0.0, decay="all")
   c.parallel.strategy = "fsdp"
@@ -80,6 +82,7 @@ def get_config(arg=None):
     if arg.variant == "llama":
       c.model.mlp_dim = 176
     c.bench.grid = 4
+    c.bench.decode_kernels = ("separate", "fused")
     c.log_every = c.checkpoint_every = 1
     c.eval_every = 0
   return c

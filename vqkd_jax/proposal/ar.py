@@ -120,6 +120,46 @@ def perplexity(logits: jax.Array, seq: jax.Array, mask: jax.Array | None = None)
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused kernels for decoding.
+
+DECODE = "decode"   # the variable collection of `fuse_for_decoding`'s kernels
+
+
+def fuse_for_decoding(variables) -> dict:
+  """Variables for a decoding loop: each block's query / key / value kernels stacked into one
+  `qkv` [D, 3, heads, hd] (biases `qkv_bias` [3, heads, hd]) and, in Llama, gate / up into one
+  `gate_up` [D, 2, F], in the collection DECODE; the originals are left out of `params`.
+
+  A decoding step then runs two GEMMs where it ran five, reading weights laid out once rather
+  than merged by the compiler at every step. Each output column is the same dot product as
+  before (the same values). Called inside the jitted sampler on its cast copy of the parameters;
+  the parameter tree of the model (and its checkpoints) stays as it is."""
+  params = dict(variables["params"])
+  fused = {}
+  for name, block in params.items():
+    if not name.startswith("block"):
+      continue
+    block, attn = dict(block), dict(block["attn"])
+    parts = [attn.pop(n) for n in ("query", "key", "value")]
+    entry = {"attn": {"qkv": jnp.stack([p["kernel"] for p in parts], axis=1)}}
+    if "bias" in parts[0]:
+      entry["attn"]["qkv_bias"] = jnp.stack([p["bias"] for p in parts])
+    block["attn"] = attn
+    if "gate" in block and "bias" not in block["gate"]:
+      entry["gate_up"] = jnp.stack([block.pop("gate")["kernel"], block.pop("up")["kernel"]],
+                                   axis=1)
+    params[name], fused[name] = block, entry
+  return {**variables, "params": params, DECODE: fused}
+
+
+def _fused_dense(x, kernel, bias, dtype):
+  """x [..., D] @ kernel [D, ...] (+ bias) as flax's Dense / DenseGeneral compute it."""
+  x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return y if bias is None else y + jnp.asarray(bias, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Layers.
 
 def _norm(flavour: str, name: str, dtype, eps: float):
@@ -146,6 +186,20 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Ar
   cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def _rotary_pairs(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """`rotary` written without splitting and concatenating: x [B, T, H, D] seen as [..., 2, D/2]
+  halves, out = x * cos + reversed halves * (-sin, sin). The same float operations in the same
+  order (a - b = a + (-b) exactly): equal values, elementwise ops that fuse into their consumers."""
+  d = x.shape[-1]
+  freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None]          # [T, D/2]
+  cos = jnp.cos(angles)[None, :, None, None]                              # [1, T, 1, 1, D/2]
+  sin = jnp.sin(angles)[None, :, None, None] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, d // 2)
+  out = pairs * cos + jnp.flip(pairs, axis=-2) * sin
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 def grid_positions(positions: jax.Array, grid: tuple[int, int], num_prefix: int
@@ -194,13 +248,20 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x, positions, cache=None, train: bool = False):
     d = x.shape[-1]
     hd = d // self.num_heads
-    proj = lambda name: head_projection(self.num_heads, hd, self.use_bias, self.dtype, name)
-    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-    if self.rope == "1d":
-      q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
-    elif self.rope == "2d":
-      rows, cols = grid_positions(positions, self.grid, self.num_prefix)
-      q, k = (rotary_2d(a, rows, cols, self.rope_theta) for a in (q, k))
+    if self.has_variable(DECODE, "qkv"):
+      # Decoding with `fuse_for_decoding`'s kernels: one [D, 3D] projection; the rotary turns the
+      # queries and keys as one [B, T, 2H, hd] array.
+      qkv = _fused_dense(x, self.get_variable(DECODE, "qkv"),
+                         self.get_variable(DECODE, "qkv_bias") if self.use_bias else None,
+                         self.dtype)                                    # [B, T, 3, H, hd]
+      b, t = qkv.shape[:2]
+      qk, v = qkv[:, :, :2].reshape(b, t, 2 * self.num_heads, hd), qkv[:, :, 2]
+      qk = self._rotate(qk, positions, pairs=True)
+      q, k = qk[:, :, :self.num_heads], qk[:, :, self.num_heads:]
+    else:
+      proj = lambda name: head_projection(self.num_heads, hd, self.use_bias, self.dtype, name)
+      q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+      q, k = self._rotate(q, positions), self._rotate(k, positions)
     if cache is None and self._use_cudnn(q, train):
       # Fused flash attention (cuDNN; float32 softmax inside). Positions increase, so the mask
       # kpos <= qpos below is the plain causal mask. cuDNN's backward needs an even length: pad
@@ -230,6 +291,15 @@ class CausalSelfAttention(nn.Module):
     weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
     y = jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
     return self._out(y, d), new_cache
+
+  def _rotate(self, x, positions, pairs=False):
+    """The rotary positions (if any) of queries or keys [B, T, heads, hd]."""
+    if self.rope == "1d":
+      return (_rotary_pairs if pairs else rotary)(x, positions, self.rope_theta)
+    if self.rope == "2d":
+      rows, cols = grid_positions(positions, self.grid, self.num_prefix)
+      return rotary_2d(x, rows, cols, self.rope_theta)
+    return x
 
   def _out(self, y, d):
     return output_projection(d, self.use_bias, self.dtype, self.out_init_std)(y)
@@ -288,7 +358,11 @@ class DecoderBlock(nn.Module):
         new_cache = (*self_cache, *(cached_kv or (ck.astype(cache[2].dtype),
                                                   cv.astype(cache[3].dtype))))
     h = _norm(self.flavour, "norm2", self.dtype, self.norm_eps)(x)
-    if llama:
+    if llama and self.has_variable(DECODE, "gate_up"):   # fuse_for_decoding's [D, 2F] kernel
+      gate_up = _fused_dense(h, self.get_variable(DECODE, "gate_up"), None, self.dtype)
+      h = _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(
+          nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+    elif llama:
       gate = _dense(self.mlp_dim, ("embed", "mlp"), "gate", bias, self.dtype)(h)
       up = _dense(self.mlp_dim, ("embed", "mlp"), "up", bias, self.dtype)(h)
       h = _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(nn.silu(gate) * up)

@@ -6,8 +6,9 @@ transformers' top_k_top_p_filtering); a categorical draw (temperature 0: argmax)
 appended to both halves of the doubled batch.
 
 `sample` is one jitted program of `lax.fori_loop`s with a KV cache ([B, heads, S, head_dim], the
-float parameters cast to the computation dtype once; `cache_segments` loops, each attending only to
-the part of the cache filled by its end); `sample_full_recompute` is the reference path recomputing
+float parameters cast to the computation dtype once, optionally each block's q / k / v and gate /
+up kernels fused into one kernel each (`decode_kernels`, `ar.fuse_for_decoding`); `cache_segments`
+loops, each attending only to the part of the cache filled by its end); `sample_full_recompute` is the reference path recomputing
 the whole prefix each step, and draws exactly the same tokens.
 
 Text-to-image (proposal/t2i.py): `sample_from_prefix` starts from prefix embeddings instead of a class
@@ -29,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.parallel import xla_options
 from vqkd_jax.proposal import ar as ar_lib
 
 
@@ -179,12 +181,23 @@ def _segmented_fori_loop(lo, hi, body, carry, *, cache_length, segments):
   return carry
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "num_image_tokens", "num_classes", "codebook_size", "cfg_scale", "temperature",
-    "top_k", "top_p", "cache_segments"))
-def _sample_cached(model, variables, labels, rng, example_offset, *, num_image_tokens, num_classes,
-                   codebook_size, cfg_scale, temperature, top_k, top_p, cache_segments):
-  variables = cast_floats(variables, model.dtype)
+def _decoding_variables(variables, dtype, fuse: bool):
+  """The sampler's copy of the variables: floats cast once, the kernels fused for decoding if
+  `fuse`."""
+  variables = cast_floats(variables, dtype)
+  if fuse:
+    variables = ar_lib.fuse_for_decoding(variables)
+  return variables
+
+
+_CACHED_STATIC = ("model", "num_image_tokens", "num_classes", "codebook_size", "cfg_scale",
+                  "temperature", "top_k", "top_p", "cache_segments", "fuse")
+
+
+def _sample_cached_impl(model, variables, labels, rng, example_offset, *, num_image_tokens,
+                        num_classes, codebook_size, cfg_scale, temperature, top_k, top_p,
+                        cache_segments, fuse):
+  variables = _decoding_variables(variables, model.dtype, fuse)
   b = labels.shape[0]
   first = _first_tokens(labels, num_classes, uses_cfg(cfg_scale))
   lo = ar_lib.image_token_offset(num_classes)
@@ -208,6 +221,26 @@ def _sample_cached(model, variables, labels, rng, example_offset, *, num_image_t
   return out
 
 
+_sample_cached_plain = jax.jit(_sample_cached_impl, static_argnames=_CACHED_STATIC)
+_sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_options.CUBLAS_GEMMS,
+                                                     static_argnames=_CACHED_STATIC)
+
+# How a decoding step computes its projections (`sample(decode_kernels=...)`): "separate" as the
+# model is trained (XLA's dot merger may fuse q/k/v and gate/up itself, concatenating the weights
+# in the loop), "fused" with ar.fuse_for_decoding's kernels laid out once before the loop, and
+# "fused_cublas" the same through cuBLAS GEMMs (xla_options.CUBLAS_GEMMS) instead of Triton.
+# Equal tokens on every path (tests/test_ar.py). Not yet timed on a GPU: `vqkd bench sample`
+# prints a row for each.
+DECODE_KERNELS = ("separate", "fused", "fused_cublas")
+
+
+def _sample_cached(*args, decode_kernels="separate", **kwargs):
+  if decode_kernels not in DECODE_KERNELS:
+    raise ValueError(f"decode_kernels must be one of {DECODE_KERNELS}, got {decode_kernels!r}")
+  run = _sample_cached_cublas if decode_kernels == "fused_cublas" else _sample_cached_plain
+  return run(*args, fuse=decode_kernels != "separate", **kwargs)
+
+
 def _static_args(cfg_scale, temperature, top_k, top_p, codebook_size):
   """Normalised static arguments (one compilation per distinct sampling rule)."""
   greedy = float(temperature) == 0.0
@@ -222,7 +255,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
            num_classes: int, codebook_size: int, rng: jax.Array,
            cfg_scale: float | None = 1.75, temperature: float = 1.0, top_k: int | None = 600,
            top_p: float | None = 0.92, example_offset: int = 0,
-           cache_segments: int | None = None) -> jax.Array:
+           cache_segments: int | None = None, decode_kernels: str = "separate") -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) for class labels [B].
 
   params: the model's `params` collection (or its full variables dict). cfg_scale None or 1 turns
@@ -231,7 +264,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   One jitted program: the float parameters cast to the model's dtype once, then fori_loops over
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
   cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
-  None: default_cache_segments).
+  None: default_cache_segments). decode_kernels: one of DECODE_KERNELS (the same tokens).
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
@@ -240,6 +273,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
                         num_classes=num_classes, codebook_size=codebook_size,
                         cache_segments=int(cache_segments or
                                            default_cache_segments(num_image_tokens)),
+                        decode_kernels=decode_kernels,
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
 
