@@ -54,13 +54,16 @@ ROWS = (
 )
 
 # Steps and batch sizes per stage (shared keys, and row stages by kind). "default" is meant for 20
-# minutes on 2 CPU cores; measured with these budgets (3 Dec 2026): 36 min, the stages 30 min two at
-# a time (teachers 170-215 s each, tokenizers 90-145 s, pixel decoders 70-110 s, AR 70-87 s, NAR
-# 57-105 s, T2I 94-101 s) and the report 6 min (70-110 s per row, one row at a time). Before the AR /
+# minutes on 2 CPU cores; measured with these budgets (5 Dec 2026): 34:39, the stages 28:18 two at
+# a time (teachers 125-179 s each, tokenizers 97-135 s, pixel decoders 85-98 s, AR 78-84 s, NAR
+# 67-104 s, T2I 94-96 s) and the report 6:21 (69-118 s per row, two at a time). Before the AR /
 # NAR / T2I cut to 200 x 48 (from 250 x 64) and the evaluator's to 200 steps (from 400): 48 min,
 # about half of it beside other jobs.
-# Two stages at once give 1.4x one stage's throughput (measured: evaluator 100 steps, 29 s alone,
-# 40 s each for two together; pinning each to a core or one XLA thread each: no gain).
+# Two stages at once give about 1.2x one stage's throughput on 2 vCPUs (measured: the ViT
+# teacher's step 243 ms alone, 400 ms each for two together, pinned to a core each or not; the
+# demo's 3,348 s of stage time ran in 1,698 s), so the time is the stages' total work.
+# `vqkd bench pipeline --config configs/demo/demo.py --steps 9` gives each stage's step time and
+# setup (compile) time.
 # Pre-tokenising the rows' training images for AR / NAR (data.tokens_dir) saves little here:
 # AR 4.2 -> 5.7 steps/s, but the 20k images take ~40 s to encode. "gpu" is meant for one GPU.
 STEPS = {
