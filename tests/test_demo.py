@@ -258,8 +258,10 @@ def test_demo_reuses_finished_stages(demo_dir, capsys):
   fingerprint = demo_dir / "run" / "vqgan" / "nar" / CODE_FINGERPRINT_FILE
   assert fingerprint.read_text().strip() == code_fingerprint()
   fingerprint.write_text("0123456789ab\n")
-  assert _demo(demo_dir, f"--config.row_order={FAST_ROWS}") == 0
-  fingerprint.write_text(code_fingerprint() + "\n")
+  try:
+    assert _demo(demo_dir, f"--config.row_order={FAST_ROWS}") == 0
+  finally:   # The module's demo directory is shared by the tests after this one.
+    fingerprint.write_text(code_fingerprint() + "\n")
   out = capsys.readouterr().out
   # 3 shared (CLIP-style teacher, perceptual, evaluator) + VQGAN's tokenizer, AR, NAR, T2I +
   # VQ-KD_CLIP's tokenizer, pixel decoder, AR, NAR, T2I: every stage is reused, none retrained.

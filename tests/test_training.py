@@ -193,18 +193,16 @@ def test_fsdp_checkpoint_restores_on_one_device(tmp_path):
 
 def test_fast_compiled_initialiser_gives_the_plain_jit_values():
   """The state initialiser is compiled with xla_options.FAST_COMPILE (it runs once); a VQGAN
-  trunk (convolutions, GroupNorm, attention, codebook) and a ViT initialise to exactly what a
-  plain jax.jit gives on both init paths."""
+  trunk (convolutions, GroupNorm, attention, a codebook) initialises to exactly what a plain
+  jax.jit gives on both init paths."""
   import flax.linen as nn
   import jax.numpy as jnp
-  from vqkd_jax.nn.vit import ViTEncoder
   from vqkd_jax.tokenizers.vqgan import VQGANTokenizer
 
   models = [(VQGANTokenizer(num_codes=32, code_dim=8, width=8, encoder_mults=(1, 2),
                             encoder_blocks=1, encoder_attn=(1,), decoder_mults=(2, 1),
                             decoder_blocks=1, decoder_attn=(0,), z_channels=8),
-             jnp.zeros((1, 16, 16, 3))),
-            (ViTEncoder(patch_size=4, width=32, depth=2, num_heads=2), jnp.zeros((1, 16, 16, 3)))]
+             jnp.zeros((1, 16, 16, 3)))]
   rng = jax.random.PRNGKey(3)
   for model, x in models:
     fn = lambda r, model=model, x=x: nn.unbox(model.init(r, x))

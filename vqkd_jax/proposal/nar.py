@@ -52,8 +52,8 @@ from vqkd_jax.nn.cross_attention import CrossAttention
 from vqkd_jax.nn.vit import Mlp, layer_norm
 from vqkd_jax.parallel.xla_options import CUBLAS_GEMMS, jit_with_options
 from vqkd_jax.proposal.ar import class_token_ids, image_token_offset, null_class_id
-from vqkd_jax.proposal.sampling import (cast_floats, cfg_combine, guidance_context_rows,
-                                        guidance_prefix_rows)
+from vqkd_jax.proposal.sampling import (as_variables, cast_floats, cfg_combine,
+                                        guidance_context_rows, guidance_prefix_rows)
 
 Dtype = Any
 
@@ -306,10 +306,6 @@ def choice_temperatures(choice_temperature: float, steps: int) -> np.ndarray:
   return (choice_temperature * (1.0 - (np.arange(steps) + 1) / steps)).astype(np.float32)
 
 
-def _variables(params):
-  return params if "params" in params else {"params": params}
-
-
 def _decode_step(logits, codes, known, keys, remaining, scale, gumbel_temp, *, batch, cfg,
                  temperature):
   """One decoding step on the model's logits [rows, N, K] (rows [cond; uncond] with CFG):
@@ -418,7 +414,7 @@ def sample(model: NARTransformer, params, labels, *, rng: jax.Array, steps: int 
   n = model.seq_len - 1 if num_image_tokens is None else int(num_image_tokens)
   if n + 1 > model.seq_len:
     raise ValueError(f"{n} image tokens do not fit seq_len {model.seq_len}")
-  return _sample(model, _variables(params), jnp.asarray(labels, jnp.int32), rng,
+  return _sample(model, as_variables(params), jnp.asarray(labels, jnp.int32), rng,
                  jnp.asarray(example_offset, jnp.int32),
                  **_static(model, n, steps, cfg_scale, cfg_schedule, temperature,
                            choice_temperature, return_history))
@@ -446,5 +442,5 @@ def sample_from_prefix(model: NARTransformer, params, prefix, *, rng: jax.Array,
   uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix, prefix.dtype)
   rows = guidance_prefix_rows(prefix, uncond, cfg)
   context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
-  return _sample_prefix(model, _variables(params), rows, context, context_mask, rng,
+  return _sample_prefix(model, as_variables(params), rows, context, context_mask, rng,
                         jnp.asarray(example_offset, jnp.int32), **static)

@@ -116,7 +116,7 @@ def draw(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int | No
 # ----------------------------------------------------------------------------------------------
 # Sampling loops.
 
-def _variables(params):
+def as_variables(params):
   """Accepts either the `params` collection or a full variables dict."""
   return params if "params" in params else {"params": params}
 
@@ -268,7 +268,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
-  return _sample_cached(model, _variables(params), jnp.asarray(labels, jnp.int32), rng,
+  return _sample_cached(model, as_variables(params), jnp.asarray(labels, jnp.int32), rng,
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
                         cache_segments=int(cache_segments or
@@ -285,7 +285,7 @@ def sample_full_recompute(model: ar_lib.ARTransformer, params, labels, *, num_im
   """The reference path of `sample` (same arguments and random streams): no cache, the full forward
   over the whole prefix at every step (a Python loop; slow, for tests)."""
   static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
-  variables = _variables(params)
+  variables = as_variables(params)
   labels = jnp.asarray(labels, jnp.int32)
   b = labels.shape[0]
   cfg = uses_cfg(static["cfg_scale"])
@@ -408,7 +408,7 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
   uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix, prefix.dtype)
   if not uses_cfg(static["cfg_scale"]):
     uncond = uncond_context = None
-  return _sample_prefix_cached(model, _variables(params), prefix, uncond, rng,
+  return _sample_prefix_cached(model, as_variables(params), prefix, uncond, rng,
                                jnp.asarray(example_offset, jnp.int32),
                                num_image_tokens=num_image_tokens, codebook_size=codebook_size,
                                context=context, context_mask=context_mask,
@@ -430,7 +430,7 @@ def sample_from_prefix_full_recompute(model: ar_lib.ARTransformer, params, prefi
   prefix = jnp.asarray(prefix)
   _check_prefix_args(model, prefix, num_image_tokens, codebook_size)
   static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
-  variables = _variables(params)
+  variables = as_variables(params)
   b, p = prefix.shape[:2]
   cfg = uses_cfg(static["cfg_scale"])
   uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix)
