@@ -500,7 +500,7 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   """Images per second of AR sampling with a randomly initialised model of config.model's size:
   rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
-  sampling.DECODE_KERNELS; they sample the same tokens)."""
+  sampling.DECODE_KERNELS)."""
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
   from vqkd_jax.train import ar as ar_stage
 

@@ -118,7 +118,8 @@ def bench_pipeline(demo_config, steps: int = 30, rows: tuple = (), workdir: str 
   from vqkd_jax.train.loop import train
 
   if steps < 3:
-    raise ConfigError(f"bench pipeline needs at least 3 steps (it times the last third), got {steps}")
+    raise ConfigError(f"bench pipeline needs at least 3 steps (it times the last third), "
+                      f"got {steps}")
   cfg = demo_config.copy_and_resolve_references()
   if rows:
     unknown = sorted(set(rows) - set(cfg.row_order))

@@ -132,7 +132,8 @@ def fuse_for_decoding(variables) -> dict:
 
   A decoding step then runs two GEMMs where it ran five, reading weights laid out once rather
   than merged by the compiler at every step. Each output column is the same dot product as
-  before (the same values). Called inside the jitted sampler on its cast copy of the parameters;
+  before (equal values in the CPU float32 tests; a GPU's GEMM may accumulate in another order).
+  Called inside the jitted sampler on its cast copy of the parameters;
   the parameter tree of the model (and its checkpoints) stays as it is."""
   params = dict(variables["params"])
   fused = {}
@@ -177,13 +178,18 @@ def _dense(features: int, names: tuple[str, str], name: str, use_bias: bool, dty
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 
 
+def _rotary_cos_sin(positions: jax.Array, d: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [T, D/2] of the rotary angles positions x theta^(-2i/D)."""
+  freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def rotary(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
   """Rotary position embedding of x [B, T, H, D] at positions [T] (half-split layout:
   [x1 cos - x2 sin, x2 cos + x1 sin] with frequencies theta^(-2i/D), as Hugging Face Llama)."""
-  d = x.shape[-1]
-  freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  angles = positions.astype(jnp.float32)[:, None] * freqs[None]          # [T, D/2]
-  cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+  cos, sin = _rotary_cos_sin(positions, x.shape[-1], theta)
+  cos, sin = cos[None, :, None], sin[None, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
@@ -193,10 +199,9 @@ def _rotary_pairs(x: jax.Array, positions: jax.Array, theta: float = 10000.0) ->
   halves, out = x * cos + reversed halves * (-sin, sin). The same float operations in the same
   order (a - b = a + (-b) exactly): equal values, elementwise ops that fuse into their consumers."""
   d = x.shape[-1]
-  freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  angles = positions.astype(jnp.float32)[:, None] * freqs[None]          # [T, D/2]
-  cos = jnp.cos(angles)[None, :, None, None]                              # [1, T, 1, 1, D/2]
-  sin = jnp.sin(angles)[None, :, None, None] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+  cos, sin = _rotary_cos_sin(positions, d, theta)
+  cos = cos[None, :, None, None]                                          # [1, T, 1, 1, D/2]
+  sin = sin[None, :, None, None] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]
   pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, d // 2)
   out = pairs * cos + jnp.flip(pairs, axis=-2) * sin
   return out.reshape(x.shape).astype(x.dtype)

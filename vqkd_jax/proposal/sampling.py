@@ -8,8 +8,8 @@ appended to both halves of the doubled batch.
 `sample` is one jitted program of `lax.fori_loop`s with a KV cache ([B, heads, S, head_dim], the
 float parameters cast to the computation dtype once, optionally each block's q / k / v and gate /
 up kernels fused into one kernel each (`decode_kernels`, `ar.fuse_for_decoding`); `cache_segments`
-loops, each attending only to the part of the cache filled by its end); `sample_full_recompute` is the reference path recomputing
-the whole prefix each step, and draws exactly the same tokens.
+loops, each attending only to the part of the cache filled by its end); `sample_full_recompute` is
+the reference path recomputing the whole prefix each step, and draws exactly the same tokens.
 
 Text-to-image (proposal/t2i.py): `sample_from_prefix` starts from prefix embeddings instead of a class
 token (the vocabulary is then the codebook alone); its rows for guidance are [prefix; uncond_prefix].
@@ -229,7 +229,8 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # model is trained (XLA's dot merger may fuse q/k/v and gate/up itself, concatenating the weights
 # in the loop), "fused" with ar.fuse_for_decoding's kernels laid out once before the loop, and
 # "fused_cublas" the same through cuBLAS GEMMs (xla_options.CUBLAS_GEMMS) instead of Triton.
-# Equal tokens on every path (tests/test_ar.py). Not yet timed on a GPU: `vqkd bench sample`
+# The same tokens on every path in tests/test_ar.py (CPU, float32; a GPU's GEMMs may round bf16
+# differently between layouts). Not yet timed on a GPU: `vqkd bench sample`
 # prints a row for each.
 DECODE_KERNELS = ("separate", "fused", "fused_cublas")
 
