@@ -54,27 +54,31 @@ ROWS = (
 )
 
 # Steps and batch sizes per stage (shared keys, and row stages by kind). "default" is meant for 20
-# minutes on 2 CPU cores; measured with these budgets (5 Dec 2026): 34:39, the stages 28:18 two at
-# a time (teachers 125-179 s each, tokenizers 97-135 s, pixel decoders 85-98 s, AR 78-84 s, NAR
-# 67-104 s, T2I 94-96 s) and the report 6:21 (69-118 s per row, two at a time). Before the AR /
-# NAR / T2I cut to 200 x 48 (from 250 x 64) and the evaluator's to 200 steps (from 400): 48 min,
-# about half of it beside other jobs.
+# minutes on 2 CPU cores; measured with these budgets (5 Dec 2026, nothing else running): 18:24,
+# the stages 13:55 two at a time (teachers 80-117 s each, tokenizers 47-77 s, pixel decoders
+# 30-42 s, AR 30-35 s, NAR 30-44 s, T2I 41-42 s) and the report 4:29 (48-85 s per row, 23 s of
+# it the NAR samples). The budgets before (teachers 250-400 steps, tokenizers and pixel decoders
+# 300, AR / NAR / T2I 200 x 48, 1,000 samples per FD_eval): 34:39. The cut kept what the loss
+# curves of that run showed still mattered: the evaluator was at 98% accuracy by step 100, the
+# MAE-style teacher's loss flat from step 100 (yet at 150 steps its VQ-KD row's distillation loss
+# stayed at 0.37 against 0.07 with the 400-step teacher: hence 400), the DINO-style teacher's
+# lowest at step 150. The NAR sampler runs 250 samples at a time: 400 samples cost what 500 do.
 # Two stages at once give about 1.2x one stage's throughput on 2 vCPUs (measured: the ViT
-# teacher's step 243 ms alone, 400 ms each for two together, pinned to a core each or not; the
-# demo's 3,348 s of stage time ran in 1,698 s), so the time is the stages' total work.
+# teacher's step 243 ms alone, 400 ms each for two together, pinned to a core each or not; with
+# one XLA thread per process, 205 and 356 ms), so the time is the stages' total work.
 # `vqkd bench pipeline --config configs/demo/demo.py --steps 9` gives each stage's step time and
 # setup (compile) time.
 # Pre-tokenising the rows' training images for AR / NAR (data.tokens_dir) saves little here:
 # AR 4.2 -> 5.7 steps/s, but the 20k images take ~40 s to encode. "gpu" is meant for one GPU.
 STEPS = {
-    "default": dict(teacher_vit=300, teacher_mae=400, teacher_clip=300, teacher_dino=250,
-                    perceptual=200, evaluator=200, vqgan=300, vqkd=300, cluster=200,
-                    pixel_decoder=300, ar=200, nar=200, t2i=200),
+    "default": dict(teacher_vit=200, teacher_mae=400, teacher_clip=200, teacher_dino=100,
+                    perceptual=100, evaluator=120, vqgan=150, vqkd=150, cluster=120,
+                    pixel_decoder=100, ar=120, nar=120, t2i=120),
     "gpu": dict(teacher_vit=3000, teacher_mae=3000, teacher_clip=3000, teacher_dino=2000,
                 perceptual=2000, evaluator=2000, vqgan=5000, vqkd=4000, cluster=2000,
                 pixel_decoder=4000, ar=6000, nar=6000, t2i=6000),
 }
-BATCH = {"default": dict(vqgan=32, vqkd=32, pixel_decoder=32, ar=48, nar=48, t2i=48), "gpu": {}}
+BATCH = {"default": dict(vqgan=32, vqkd=32, pixel_decoder=32, ar=32, nar=32, t2i=32), "gpu": {}}
 GPU_BATCH = 128
 # Width of the convolutional trunks that make pixels: the VQGAN / FSQ encoder-decoder, the pixel
 # decoders of VQ-KD and Cluster codes (the same for both, so that the rows' decoders match), and
@@ -151,7 +155,7 @@ def get_config(arg=None):
     c.rows[key] = r
 
   c.report = ml_collections.ConfigDict(dict(
-      num_samples=48 if arg.runlocal else (5000 if arg.gpu else 1000), cfg_scale=1.75,
+      num_samples=48 if arg.runlocal else (5000 if arg.gpu else 500), cfg_scale=1.75,
       temperature=1.0, top_k=0, top_p=1.0, seed=0, probe_train=200 if arg.runlocal else 5000,
       min_evaluator_accuracy=0.9))
   return c

@@ -24,6 +24,11 @@ activations and weights (float32 resize, pooled features and fc; ~4e-3 off "exac
 an H100); "tf32" = float32 with the backend's default precision (TF32 on NVIDIA GPUs: ~4e-4 off,
 6x faster; FID drift 0.003 at FID 51 on an H200, the fast mode to use). Relative errors are
 max |a - b| / max |b| on random weights.
+Tried and rejected (H100, 5 Dec 2026): float32 emulated by three TF32 convolutions (3xTF32: x and
+w split into a TF32 part and the rest, the lo x lo term dropped) runs at 3,977 images/s against
+exact's 2,766, but its pool features are 4.5e-5 off a float64 forward (exact: 3.9e-7, TF32:
+4.3e-4): per convolution 1e-6 to 1e-5, growing with the reduction length, since the tensor
+cores' TF32 accumulation is not float32's. Not exact, and no better as a fast mode than "tf32".
 
 Weights: `convert_inception(read_state_dict("pt_inception-2015-12-05-6726825d.pth"))` (pytorch-fid's
 key names; torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` uses the same names), or
