@@ -236,7 +236,7 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 DECODE_KERNELS = ("separate", "fused", "fused_cublas")
 
 
-def _sample_cached(*args, decode_kernels="fused_cublas", **kwargs):
+def _sample_cached(*args, decode_kernels, **kwargs):
   if decode_kernels not in DECODE_KERNELS:
     raise ValueError(f"decode_kernels must be one of {DECODE_KERNELS}, got {decode_kernels!r}")
   run = _sample_cached_cublas if decode_kernels == "fused_cublas" else _sample_cached_plain
