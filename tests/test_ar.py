@@ -87,16 +87,20 @@ def test_decode_logits_equal_full_forward(model_and_params):
   full = model.apply({"params": params}, seq)
   assert full.shape == (3, 1 + NUM_TOKENS, VOCAB) and full.dtype == jnp.float32
 
-  decode = jax.jit(lambda tok, pos, cache: model.apply({"params": params}, tok, positions=pos,
-                                                       cache=cache))
-  # Prefill 3 tokens at once, then one at a time.
-  cache = model.init_cache(3)
-  logits, cache = decode(seq[:, :3], jnp.arange(3), cache)
-  got = [logits]
-  for i in range(3, seq.shape[1]):
-    logits, cache = decode(seq[:, i:i + 1], jnp.array([i]), cache)
-    got.append(logits)
-  np.testing.assert_allclose(np.concatenate(got, 1), full, atol=2e-5, rtol=1e-5)
+  # Prefill 3 tokens at once, then one at a time: with the einsums, and with the one-token steps
+  # through nn/decode_attention's kernel (Pallas interpret mode here).
+  for attention in ("xla", "pallas"):
+    m = model.clone(decode_attention=attention)
+    decode = jax.jit(lambda tok, pos, cache: m.apply({"params": params}, tok, positions=pos,
+                                                     cache=cache))
+    cache = m.init_cache(3)
+    logits, cache = decode(seq[:, :3], jnp.arange(3), cache)
+    got = [logits]
+    for i in range(3, seq.shape[1]):
+      logits, cache = decode(seq[:, i:i + 1], jnp.array([i]), cache)
+      got.append(logits)
+    np.testing.assert_allclose(np.concatenate(got, 1), full, atol=2e-5, rtol=1e-5,
+                               err_msg=attention)
 
 
 def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
@@ -270,6 +274,9 @@ def test_rope_2d_prefix_sampling_cached_equals_full_recompute():
   full = np.asarray(sampling.sample_from_prefix_full_recompute(model, params, prefix, **kw))
   np.testing.assert_array_equal(cached, full)
   assert len(np.unique(cached)) > 5
+  # With nn/decode_attention's kernel: caches of P + N - 1 = 11 positions, not a power of two.
+  np.testing.assert_array_equal(sampling.sample_from_prefix(
+      model.clone(decode_attention="pallas"), params, prefix, **kw), full)
 
 
 def test_remat_gives_the_same_gradients():
@@ -438,6 +445,12 @@ def test_cached_sampling_equals_full_recompute(model_and_params):
   # Fused decoding kernels (through cuBLAS GEMMs on GPUs; the CPU ignores that option).
   for kernels in ("fused", "fused_cublas"):
     np.testing.assert_array_equal(sampling.sample(model, params, labels, rng=rng,
+                                                  decode_kernels=kernels, **SAMPLE_KW), full)
+  # The attention of each step as nn/decode_attention's kernel (one decoding loop by default).
+  pallas = model.clone(decode_attention="pallas")
+  assert sampling.default_cache_segments(256, "pallas") == 1
+  for kernels in ("separate", "fused_cublas"):
+    np.testing.assert_array_equal(sampling.sample(pallas, params, labels, rng=rng,
                                                   decode_kernels=kernels, **SAMPLE_KW), full)
   with pytest.raises(ValueError, match="decode_kernels"):
     sampling.sample(model, params, labels, rng=rng, decode_kernels="fast", **SAMPLE_KW)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Sequence
@@ -500,7 +501,9 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   """Images per second of AR sampling with a randomly initialised model of config.model's size:
   rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
-  sampling.DECODE_KERNELS)."""
+  sampling.DECODE_KERNELS) and decoding attention of config.bench.decode_attention (default: the
+  model's)."""
+  from vqkd_jax.nn import decode_attention
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -514,21 +517,25 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
       lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False))
   labels = jnp.arange(b) % config.data.num_classes
   rows = []
-  for cfg in dict.fromkeys((config.sampling.cfg_scale, None)):
-    for kernels in config.bench.get("decode_kernels", DECODE_KERNELS):
-      run = lambda seed: sample(model, params, labels, num_image_tokens=num_tokens,
-                                num_classes=config.data.num_classes,
-                                codebook_size=config.bench.codebook_size,
-                                rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
-                                top_k=config.sampling.top_k, top_p=config.sampling.top_p,
-                                decode_kernels=kernels)
-      compile_s, seconds = _time_calls(run, steps)
-      rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
-                   "precision": config.precision, "batch": b, "tokens": num_tokens,
-                   "cfg": cfg or "off", "top_k": config.sampling.top_k,
-                   "top_p": config.sampling.top_p, "kernels": kernels,
-                   "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
-                   "images/s": f"{b / seconds:.0f}"})
+  attentions = config.bench.get("decode_attention", (model.decode_attention,))
+  for cfg, attention, kernels in itertools.product(
+      dict.fromkeys((config.sampling.cfg_scale, None)), attentions,
+      config.bench.get("decode_kernels", DECODE_KERNELS)):
+    decoder = model.clone(decode_attention=attention)
+    run = lambda seed: sample(decoder, params, labels, num_image_tokens=num_tokens,
+                              num_classes=config.data.num_classes,
+                              codebook_size=config.bench.codebook_size,
+                              rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
+                              top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+                              decode_kernels=kernels)
+    compile_s, seconds = _time_calls(run, steps)
+    rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
+                 "precision": config.precision, "batch": b, "tokens": num_tokens,
+                 "cfg": cfg or "off", "top_k": config.sampling.top_k,
+                 "top_p": config.sampling.top_p, "kernels": kernels,
+                 "attention": decode_attention.resolve(attention),
+                 "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
+                 "images/s": f"{b / seconds:.0f}"})
   return rows
 
 

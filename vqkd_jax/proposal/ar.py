@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vqkd_jax.nn import decode_attention as decode_attention_lib
 from vqkd_jax.nn.attention import dense_init, head_projection, output_projection, use_cudnn
 from vqkd_jax.nn.cross_attention import CrossAttention
 
@@ -248,6 +249,7 @@ class CausalSelfAttention(nn.Module):
   dropout: float = 0.0
   implementation: str = "auto"
   dtype: Dtype = jnp.float32
+  decode_attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False):
@@ -283,6 +285,11 @@ class CausalSelfAttention(nn.Module):
       # The cache is [B, H, S, hd]: each step's einsums read it in place (a [B, S, H, hd] cache
       # is transposed, a full copy per layer and step).
       ck, cv = cache
+      if q.shape[1] == 1 and decode_attention_lib.resolve(self.decode_attention) == "pallas":
+        y, ck, cv = decode_attention_lib.append_and_attend(
+            q[:, 0], k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype),
+            ck, cv, positions[0])    # [B, H, hd] per step: one kernel writes and attends
+        return self._out(y[:, None], d), (ck, cv)
       start = (0, 0, positions[0], 0)
       ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
       cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
@@ -335,6 +342,7 @@ class DecoderBlock(nn.Module):
   grid: tuple[int, int] | None = None
   num_prefix: int = 0
   cross_attention: bool = False
+  decode_attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False, context=None,
@@ -346,7 +354,8 @@ class DecoderBlock(nn.Module):
     h, self_cache = CausalSelfAttention(
         self.num_heads, use_bias=bias, rope=self.rope if llama else None,
         rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
-        dropout=self.dropout, implementation=self.attention, dtype=self.dtype, name="attn")(
+        dropout=self.dropout, implementation=self.attention, dtype=self.dtype,
+        decode_attention=self.decode_attention, name="attn")(
             _norm(self.flavour, "norm1", self.dtype, self.norm_eps)(x), positions,
             None if cache is None else cache[:2], train)
     x = x + drop(h)
@@ -400,7 +409,11 @@ class ARTransformer(nn.Module):
       the image tokens, the seq_len - h w before them (class token, prefix) sit at (0, 0).
     attention: "xla" (einsums, float32 scores and softmax), "cudnn" (fused flash attention) or
       "auto" (cudnn on GPU in bfloat16/float16 for full sequences without attention dropout, else
-      xla). Decoding with a cache always uses the einsum path.
+      xla). Decoding with a cache uses the einsum path, or `decode_attention`'s kernel.
+    decode_attention: the attention of a decoding step of one token with a cache:
+      "xla" (the einsums, over the whole cache, masked), "pallas" (nn/decode_attention.py: one
+      kernel writes the step's key / value and reads only the filled cache) or "auto" (pallas on
+      GPU, xla elsewhere; the kernel runs in Pallas' interpret mode off GPUs).
     remat: recompute each block's activations in the backward pass (memory for large batches).
     cross_attention: every block cross-attends to a `context` [B, L, width] (e.g. projected text
       states) after its self-attention; padded context tokens (context_mask False) get no weight.
@@ -432,6 +445,7 @@ class ARTransformer(nn.Module):
   rope: str = "1d"
   grid: tuple[int, int] | None = None
   cross_attention: bool = False
+  decode_attention: str = "auto"
 
   def mlp_hidden(self) -> int:
     if self.mlp_dim:
@@ -477,8 +491,9 @@ class ARTransformer(nn.Module):
       x, c = block(self.num_heads, self.mlp_hidden(), self.flavour, self.depth, self.rope_theta,
                    self.norm_eps, self.dropout, self.attention, self.dtype, rope=self.rope,
                    grid=self.grid, num_prefix=num_prefix, cross_attention=self.cross_attention,
-                   name=f"block{i}")(x, positions, None if cache is None else cache[i], train,
-                                     context, context_mask)
+                   decode_attention=self.decode_attention, name=f"block{i}")(
+                       x, positions, None if cache is None else cache[i], train, context,
+                       context_mask)
       new_cache.append(c)
     x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps)(x)
     # Operands in the computation dtype, logits accumulated and returned in float32.

@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.nn import decode_attention as decode_attention_lib
 from vqkd_jax.parallel import xla_options
 from vqkd_jax.proposal import ar as ar_lib
 
@@ -153,11 +154,14 @@ def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, tempera
               top_k, top_p)
 
 
-def default_cache_segments(num_image_tokens: int) -> int:
-  """Decoding loops of a sampling call when `cache_segments` is None: one per 64 image tokens, at
-  most 4. H200, Llama medium, 256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the
-  first call 23 s against 5 s (`vqkd bench sample`); short sequences (the demo's, the tests') read
-  little cache and keep one loop body to compile."""
+def default_cache_segments(num_image_tokens: int, decode_attention: str = "xla") -> int:
+  """Decoding loops of a sampling call when `cache_segments` is None. With the einsum attention
+  (decode_attention resolving to "xla"), one per 64 image tokens, at most 4. H200, Llama medium,
+  256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the first call 23 s against 5 s
+  (`vqkd bench sample`); short sequences (the demo's, the tests') read little cache and keep one
+  loop body to compile. With the Pallas kernel, which reads only the filled cache, one."""
+  if decode_attention_lib.resolve(decode_attention) == "pallas":
+    return 1
   return max(1, min(4, num_image_tokens // 64))
 
 
@@ -273,8 +277,8 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   return _sample_cached(model, as_variables(params), jnp.asarray(labels, jnp.int32), rng,
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
-                        cache_segments=int(cache_segments or
-                                           default_cache_segments(num_image_tokens)),
+                        cache_segments=int(cache_segments or default_cache_segments(
+                            num_image_tokens, model.decode_attention)),
                         decode_kernels=decode_kernels,
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
@@ -415,8 +419,8 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                                num_image_tokens=num_image_tokens, codebook_size=codebook_size,
                                context=context, context_mask=context_mask,
                                uncond_context=uncond_context,
-                               cache_segments=int(cache_segments or
-                                                  default_cache_segments(num_image_tokens)),
+                               cache_segments=int(cache_segments or default_cache_segments(
+                                   num_image_tokens, model.decode_attention)),
                                **static)
 
 

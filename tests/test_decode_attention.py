@@ -1,0 +1,85 @@
+"""nn/decode_attention: the one-step KV-cache attention kernel (Pallas; interpret mode off GPUs)
+against a float64 closed form, and the einsum path of the AR model's attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqkd_jax.nn import decode_attention
+
+
+def _closed_form(q, k, v, k_cache, v_cache, pos):
+  """softmax(q . K[:pos + 1] / sqrt(hd)) V[:pos + 1] in float64, with k / v at `pos`."""
+  keys = np.array(k_cache, np.float64)
+  values = np.array(v_cache, np.float64)
+  keys[:, :, pos], values[:, :, pos] = k, v
+  hd = q.shape[-1]
+  s = np.einsum("bhd,bhsd->bhs", np.asarray(q, np.float64) * hd ** -0.5, keys[:, :, :pos + 1])
+  w = np.exp(s - s.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("bhs,bhsd->bhd", w, values[:, :, :pos + 1]), keys, values
+
+
+# Lengths below, at and above one block (64), not powers of two; first, middle and last positions.
+@pytest.mark.parametrize("length,pos", [(1, 0), (17, 0), (17, 16), (64, 63), (100, 64),
+                                        (200, 130), (200, 199)])
+def test_kernel_against_closed_form(length, pos):
+  rng = np.random.default_rng(length + pos)
+  b, h, hd = 2, 3, 16
+  q, k, v = (rng.normal(size=(b, h, hd)).astype(np.float32) for _ in range(3))
+  k_cache, v_cache = (rng.normal(size=(b, h, length, hd)).astype(np.float32) for _ in range(2))
+  y, new_k, new_v = decode_attention.append_and_attend(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_cache), jnp.asarray(v_cache),
+      jnp.int32(pos))
+  want, keys, values = _closed_form(q, k, v, k_cache, v_cache, pos)
+  assert y.shape == (b, h, hd) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
+  # The step's key / value written at pos; every other position of the caches as it was.
+  np.testing.assert_array_equal(np.asarray(new_k), keys.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(new_v), values.astype(np.float32))
+
+
+def test_kernel_ignores_the_unfilled_cache():
+  """Positions after `pos` (stale or garbage) get no weight: NaNs there do not reach the output."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 2, 8)), jnp.float32) for _ in range(3))
+  k_cache, v_cache = (np.asarray(rng.normal(size=(1, 2, 70, 8)), np.float32) for _ in range(2))
+  k_cache[:, :, 6:] = v_cache[:, :, 6:] = np.nan
+  y, _, _ = decode_attention.append_and_attend(q, k, v, jnp.asarray(k_cache),
+                                               jnp.asarray(v_cache), jnp.int32(5))
+  want, _, _ = _closed_form(q, k, v, np.nan_to_num(k_cache), np.nan_to_num(v_cache), 5)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_kernel_close_to_the_einsum_path():
+  """In bfloat16 the kernel keeps the softmax weights in float32 where the einsums round them:
+  the two paths agree to bfloat16 rounding."""
+  rng = np.random.default_rng(1)
+  b, h, length, hd, pos = 2, 4, 40, 32, 37
+  q, k, v = (jnp.asarray(rng.normal(size=(b, h, hd)), jnp.bfloat16) for _ in range(3))
+  k_cache, v_cache = (jnp.asarray(rng.normal(size=(b, h, length, hd)), jnp.bfloat16)
+                      for _ in range(2))
+  y, new_k, _ = decode_attention.append_and_attend(q, k, v, k_cache, v_cache, jnp.int32(pos))
+  assert y.dtype == jnp.bfloat16
+  scores = jnp.einsum("bhd,bhsd->bhs", q * jnp.asarray(hd ** -0.5, q.dtype), new_k,
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(jnp.arange(length) <= pos, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, -1).astype(jnp.bfloat16)
+  v_full = v_cache.at[:, :, pos].set(v)
+  einsum = jnp.einsum("bhs,bhsd->bhd", weights, v_full)
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(einsum, np.float32),
+                             atol=2e-2, rtol=2e-2)
+
+
+def test_resolve_and_shape_errors():
+  assert decode_attention.resolve("xla") == "xla"
+  assert decode_attention.resolve("pallas") == "pallas"
+  assert decode_attention.resolve("auto") == ("pallas" if jax.default_backend() == "gpu"
+                                              else "xla")
+  with pytest.raises(ValueError, match="decode attention must be one of"):
+    decode_attention.resolve("cudnn")
+  x = jnp.zeros((1, 2, 8))
+  with pytest.raises(ValueError, match="caches must be"):
+    decode_attention.append_and_attend(x, x, x, jnp.zeros((1, 2, 5, 4)), jnp.zeros((1, 2, 5, 4)),
+                                       jnp.int32(0))
