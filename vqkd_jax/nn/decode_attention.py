@@ -3,8 +3,8 @@
 `append_and_attend(q, k, v, k_cache, v_cache, position)` writes this step's key and value at
 `position` of the cache (in place: the caches are aliased to the outputs) and attends the query to
 the cached positions <= position. Each (row, head) is one program that reads only the filled part
-of its cache, `position` keys and values, in blocks of at most 256 (masked loads), with an online softmax in
-float32; the XLA einsum path reads the whole cache (masked), every layer and step.
+of its cache, `position` keys and values, in blocks of at most 64 (masked loads), with an online
+softmax in float32; the XLA einsum path reads the whole cache (masked), every layer and step.
 
 It computes what the einsums of `proposal.ar.CausalSelfAttention` compute (the scaled query in the
 computation dtype, scores and softmax in float32), in another summation order, and keeps the
@@ -14,6 +14,15 @@ path and a float64 closed form).
 
 On GPUs the kernel is compiled by Pallas' Triton backend; elsewhere it runs in Pallas' interpret
 mode (slow: for tests). `resolve` gives the path of an `implementation` setting.
+
+Measured on an H100 (5 Dec 2026), Llama medium (16 heads of 64), 256 image tokens, batch 64 with
+CFG (128 rows), bf16, `decode_kernels="fused_cublas"`: 157.6 images/s against 141.6 with the
+einsums in 4 cache segments (the same tokens for one seed), first call 5.4 s against 21.8 s. The
+kernel then takes 28.6 us per layer and step on average (2.3 TB/s of the cache read), 44% of the
+sampling time. Tried and slower there: blocks of 32 (156.7 images/s), 128 (152.5) and 256 with
+8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8). XLA's partitioner has no rule for
+the kernel's custom call, so with the batch sharded over several GPUs it would run replicated
+(correct, slower; not measured).
 """
 
 from __future__ import annotations

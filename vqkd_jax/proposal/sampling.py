@@ -7,9 +7,11 @@ appended to both halves of the doubled batch.
 
 `sample` is one jitted program of `lax.fori_loop`s with a KV cache ([B, heads, S, head_dim], the
 float parameters cast to the computation dtype once, optionally each block's q / k / v and gate /
-up kernels fused into one kernel each (`decode_kernels`, `ar.fuse_for_decoding`); `cache_segments`
-loops, each attending only to the part of the cache filled by its end); `sample_full_recompute` is
-the reference path recomputing the whole prefix each step, and draws exactly the same tokens.
+up kernels fused into one kernel each (`decode_kernels`, `ar.fuse_for_decoding`)). Each step's
+attention is the model's `decode_attention`: on GPUs by default one Pallas kernel that reads only
+the filled cache (nn/decode_attention.py), in one loop; with the einsums, `cache_segments` loops,
+each attending to the part of the cache filled by its end. `sample_full_recompute` is the
+reference path recomputing the whole prefix each step, and draws exactly the same tokens.
 
 Text-to-image (proposal/t2i.py): `sample_from_prefix` starts from prefix embeddings instead of a class
 token (the vocabulary is then the codebook alone); its rows for guidance are [prefix; uncond_prefix].
@@ -235,8 +237,9 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # "fused_cublas" the same through cuBLAS GEMMs (xla_options.CUBLAS_GEMMS) instead of Triton.
 # The same tokens on every path in tests/test_ar.py (CPU, float32), and on an H100 in bfloat16
 # (Llama medium, CFG, batch 64, one seed; a GPU's GEMMs could round bf16 differently between
-# layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75): separate
-# 123.4, fused 125.0, fused_cublas 141.8, the default.
+# layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75 / without)
+# with the Pallas decode attention: separate 130 / 194, fused 134 / 200, fused_cublas 158 / 198,
+# the default; with the einsum attention in 4 cache segments 123 / 184, 124 / 186, 142 / 179.
 DECODE_KERNELS = ("separate", "fused", "fused_cublas")
 
 
@@ -270,7 +273,8 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   One jitted program: the float parameters cast to the model's dtype once, then fori_loops over
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
   cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
-  None: default_cache_segments). decode_kernels: one of DECODE_KERNELS (the same tokens).
+  None: default_cache_segments, 1 with model.decode_attention's Pallas kernel, which reads only
+  the filled cache anyway). decode_kernels: one of DECODE_KERNELS (the same tokens).
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
