@@ -73,12 +73,13 @@ def test_bfloat16_kernel_close_to_the_einsum_path():
 
 
 def test_resolve_and_shape_errors():
-  assert decode_attention.resolve("xla") == "xla"
-  assert decode_attention.resolve("pallas") == "pallas"
-  assert decode_attention.resolve("auto") == ("pallas" if jax.default_backend() == "gpu"
-                                              else "xla")
+  gpu = jax.default_backend() == "gpu"
+  assert decode_attention.resolve("xla", 64) == "xla"
+  assert decode_attention.resolve("pallas", 64) == "pallas"
+  assert decode_attention.resolve("auto", 64) == ("pallas" if gpu else "xla")
+  assert decode_attention.resolve("auto", 48) == "xla"      # Triton's blocks: powers of two
   with pytest.raises(ValueError, match="decode attention must be one of"):
-    decode_attention.resolve("cudnn")
+    decode_attention.resolve("cudnn", 64)
   x = jnp.zeros((1, 2, 8))
   with pytest.raises(ValueError, match="caches must be"):
     decode_attention.append_and_attend(x, x, x, jnp.zeros((1, 2, 5, 4)), jnp.zeros((1, 2, 5, 4)),

@@ -503,7 +503,6 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
   sampling.DECODE_KERNELS) and decoding attention of config.bench.decode_attention (default: the
   model's)."""
-  from vqkd_jax.nn import decode_attention
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -533,7 +532,7 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
                  "precision": config.precision, "batch": b, "tokens": num_tokens,
                  "cfg": cfg or "off", "top_k": config.sampling.top_k,
                  "top_p": config.sampling.top_p, "kernels": kernels,
-                 "attention": decode_attention.resolve(attention),
+                 "attention": decoder.decode_attention_path(),
                  "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
                  "images/s": f"{b / seconds:.0f}"})
   return rows

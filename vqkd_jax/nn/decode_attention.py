@@ -20,7 +20,8 @@ CFG (128 rows), bf16, `decode_kernels="fused_cublas"`: 157.6 images/s against 14
 einsums in 4 cache segments (the same tokens for one seed), first call 5.4 s against 21.8 s. The
 kernel then takes 28.6 us per layer and step on average (2.3 TB/s of the cache read), 44% of the
 sampling time. Tried and slower there: blocks of 32 (156.7 images/s), 128 (152.5) and 256 with
-8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8). XLA's partitioner has no rule for
+8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program (152.1,
+146.1; 121.4 with 8 warps). XLA's partitioner has no rule for
 the kernel's custom call, so with the batch sharded over several GPUs it would run replicated
 (correct, slower; not measured).
 """
@@ -39,12 +40,17 @@ MAX_BLOCK = 64      # cache positions per block
 NUM_WARPS = 4       # of a Triton program
 
 
-def resolve(implementation: str) -> str:
-  """"xla" or "pallas": "auto" is the kernel on GPUs and the einsums elsewhere."""
+def resolve(implementation: str, head_dim: int) -> str:
+  """"xla" or "pallas" for heads of `head_dim`: "auto" is the kernel on GPUs where it applies (a
+  power-of-two head dim, as Triton's blocks need) and the einsums elsewhere."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"decode attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  fits = head_dim & (head_dim - 1) == 0
   if implementation == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
+  if implementation == "pallas" and not fits and jax.default_backend() == "gpu":
+    raise ValueError(f"the Pallas decode attention needs a power-of-two head dim, got {head_dim}: "
+                     f"use decode_attention='xla'")
   return implementation
 
 

@@ -285,7 +285,7 @@ class CausalSelfAttention(nn.Module):
       # The cache is [B, H, S, hd]: each step's einsums read it in place (a [B, S, H, hd] cache
       # is transposed, a full copy per layer and step).
       ck, cv = cache
-      if q.shape[1] == 1 and decode_attention_lib.resolve(self.decode_attention) == "pallas":
+      if q.shape[1] == 1 and decode_attention_lib.resolve(self.decode_attention, hd) == "pallas":
         y, ck, cv = decode_attention_lib.append_and_attend(
             q[:, 0], k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype),
             ck, cv, positions[0])    # [B, H, hd] per step: one kernel writes and attends
@@ -413,7 +413,8 @@ class ARTransformer(nn.Module):
     decode_attention: the attention of a decoding step of one token with a cache:
       "xla" (the einsums, over the whole cache, masked), "pallas" (nn/decode_attention.py: one
       kernel writes the step's key / value and reads only the filled cache) or "auto" (pallas on
-      GPU, xla elsewhere; the kernel runs in Pallas' interpret mode off GPUs).
+      GPU with a power-of-two head dim, xla elsewhere; the kernel runs in Pallas' interpret mode
+      off GPUs). `decode_attention_path()` says which.
     remat: recompute each block's activations in the backward pass (memory for large batches).
     cross_attention: every block cross-attends to a `context` [B, L, width] (e.g. projected text
       states) after its self-attention; padded context tokens (context_mask False) get no weight.
@@ -506,6 +507,10 @@ class ARTransformer(nn.Module):
                          dtype=self.dtype, preferred_element_type=jnp.float32, name="head",
                          kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x)
     return logits if cache is None else (logits, new_cache)
+
+  def decode_attention_path(self) -> str:
+    """What `decode_attention` resolves to for this model's heads: "xla" or "pallas"."""
+    return decode_attention_lib.resolve(self.decode_attention, self.width // self.num_heads)
 
   def _check_rope(self) -> int:
     """Validates rope / grid; returns the number of leading non-image positions (rope "2d")."""

@@ -32,7 +32,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vqkd_jax.nn import decode_attention as decode_attention_lib
 from vqkd_jax.parallel import xla_options
 from vqkd_jax.proposal import ar as ar_lib
 
@@ -156,13 +155,13 @@ def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, tempera
               top_k, top_p)
 
 
-def default_cache_segments(num_image_tokens: int, decode_attention: str = "xla") -> int:
+def default_cache_segments(num_image_tokens: int, attention_path: str = "xla") -> int:
   """Decoding loops of a sampling call when `cache_segments` is None. With the einsum attention
-  (decode_attention resolving to "xla"), one per 64 image tokens, at most 4. H200, Llama medium,
+  (the model's decode_attention_path() "xla"), one per 64 image tokens, at most 4. H200, Llama medium,
   256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the first call 23 s against 5 s
   (`vqkd bench sample`); short sequences (the demo's, the tests') read little cache and keep one
   loop body to compile. With the Pallas kernel, which reads only the filled cache, one."""
-  if decode_attention_lib.resolve(decode_attention) == "pallas":
+  if attention_path == "pallas":
     return 1
   return max(1, min(4, num_image_tokens // 64))
 
@@ -282,7 +281,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
                         cache_segments=int(cache_segments or default_cache_segments(
-                            num_image_tokens, model.decode_attention)),
+                            num_image_tokens, model.decode_attention_path())),
                         decode_kernels=decode_kernels,
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
@@ -424,7 +423,7 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                                context=context, context_mask=context_mask,
                                uncond_context=uncond_context,
                                cache_segments=int(cache_segments or default_cache_segments(
-                                   num_image_tokens, model.decode_attention)),
+                                   num_image_tokens, model.decode_attention_path())),
                                **static)
 
 
