@@ -157,10 +157,11 @@ def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, tempera
 
 def default_cache_segments(num_image_tokens: int, attention_path: str = "xla") -> int:
   """Decoding loops of a sampling call when `cache_segments` is None. With the einsum attention
-  (the model's decode_attention_path() "xla"), one per 64 image tokens, at most 4. H200, Llama medium,
-  256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the first call 23 s against 5 s
-  (`vqkd bench sample`); short sequences (the demo's, the tests') read little cache and keep one
-  loop body to compile. With the Pallas kernel, which reads only the filled cache, one."""
+  (the model's decode_attention_path() "xla"), one per 64 image tokens, at most 4. H200, Llama
+  medium, 256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the first call 23 s
+  against 5 s (`vqkd bench sample`); short sequences (the demo's, the tests') read little cache
+  and keep one loop body to compile. With the Pallas kernel, which reads only the filled cache,
+  one."""
   if attention_path == "pallas":
     return 1
   return max(1, min(4, num_image_tokens // 64))
