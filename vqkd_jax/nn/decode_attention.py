@@ -21,9 +21,8 @@ einsums in 4 cache segments (the same tokens for one seed), first call 5.4 s aga
 kernel then takes 28.6 us per layer and step on average (2.3 TB/s of the cache read), 44% of the
 sampling time. Tried and slower there: blocks of 32 (156.7 images/s), 128 (152.5) and 256 with
 8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program (152.1,
-146.1; 121.4 with 8 warps). XLA's partitioner has no rule for
-the kernel's custom call, so with the batch sharded over several GPUs it would run replicated
-(correct, slower; not measured).
+146.1; 121.4 with 8 warps). XLA's partitioner has no rule for the kernel's custom call, so with
+the batch sharded over several GPUs it would run replicated (correct, slower; not measured).
 """
 
 from __future__ import annotations
