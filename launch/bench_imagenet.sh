@@ -4,7 +4,7 @@
 #
 #   launch/bench_imagenet.sh tokenizers   # one training step of every tokenizer + pixel decoder
 #   launch/bench_imagenet.sh proposal     # AR (GPT-2 / Llama medium) training, AR and NAR sampling
-#   launch/bench_imagenet.sh fid          # FID Inception forward (exact / tf32 / fast) + drift
+#   launch/bench_imagenet.sh fid          # FID Inception forward (exact / fast / tf32 / bf16) + drift
 #   launch/bench_imagenet.sh all
 #
 # Batches are per device as upstream's global batches on 8 GPUs (VQGAN / FSQ 96 -> 12, VQ-KD
@@ -61,7 +61,7 @@ proposal() {
 }
 
 fid() {
-  for mode in exact tf32 fast; do
+  for mode in exact fast tf32 bf16; do
     bench fid --batch 256 --mode "$mode"
   done
 }

@@ -168,12 +168,21 @@ def test_matches_pytorch_fid_float32(torch, pytorch_fid, converted, h, w):
   assert rel_err(diff, ref["pool"][0] - ref["pool"][1]) < 1e-3
 
 
-def test_fast_mode_is_close(torch, pytorch_fid, converted):
+@pytest.mark.parametrize("mode,dtype,bound", [("fast", jnp.float16, 2e-3),
+                                               ("bf16", jnp.bfloat16, 2e-2)])
+def test_reduced_precision_modes_are_close(torch, pytorch_fid, converted, mode, dtype, bound):
+  """float16 ("fast") keeps 10 mantissa bits: within 2e-3 of pytorch-fid's float32, a bound that
+  bfloat16's 7 bits miss (so the mode really computes in float16)."""
   images = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
   ref = reference_outputs(torch, pytorch_fid, images)
-  out = jax.jit(inc.build_inception("torch", "fast").apply)({"params": converted}, images)
-  assert out["pool"].dtype == jnp.float32
-  assert rel_err(out["pool"], ref["pool"]) < 5e-2
+  model = inc.build_inception("torch", mode)
+  assert model.dtype == dtype
+  out = jax.jit(model.apply)({"params": converted}, images)
+  assert out["pool"].dtype == jnp.float32 and np.isfinite(out["pool"]).all()
+  err = rel_err(out["pool"], ref["pool"])
+  assert err < bound, err
+  if mode == "bf16":
+    assert err > 2e-3, err   # the bound that the float16 mode meets is a real one
 
 
 def test_zip_and_legacy_files_convert_alike(torch, pytorch_fid, converted, tmp_path):

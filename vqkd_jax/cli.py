@@ -94,8 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                  "forward (random weights) and the Frechet distance")
   b.add_argument("--config", default=None, help="required except for fid")
   b.add_argument("--batch", type=int, default=256, help="fid: batch size")
-  b.add_argument("--mode", default="exact", choices=["exact", "fast", "tf32"],
-                 help="fid: float32 exact, bfloat16, or TF32 matmuls")
+  b.add_argument("--mode", default="exact", choices=["exact", "fast", "tf32", "bf16"],
+                 help="fid: float32 exact, float16 (fast), TF32 matmuls, or bfloat16")
   b.add_argument("--drift_images", type=int, default=5000,
                  help="fid, modes other than exact: images per set of the FID drift against exact "
                  "(0: skip)")

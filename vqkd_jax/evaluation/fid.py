@@ -42,7 +42,8 @@ class InceptionExtractor:
     params: converted FIDInceptionV3 params (inception.load_inception_params / convert_inception).
     batch_size: images per device call; rounded up to a multiple of the device count.
     preprocess: "torch" (pytorch-fid / upstream FID) or "tf1" (TF FID, OpenAI, torch-fidelity).
-    precision_mode: "exact" (float32, HIGHEST), "fast" (bfloat16) or "tf32".
+    precision_mode: "exact" (float32, HIGHEST), "fast" (float16), "tf32" or "bf16"
+      (inception.PRECISION_MODES).
     outputs: which network outputs to return ("pool", "logits", "logits_unbiased").
     devices: defaults to jax.local_devices().
 
