@@ -90,7 +90,7 @@ def test_decode_logits_equal_full_forward(model_and_params):
   # Prefill 3 tokens at once, then one at a time: with the einsums, and with the one-token steps
   # through nn/decode_attention's kernel (Pallas interpret mode here).
   for attention in ("xla", "pallas"):
-    m = model.clone(decode_attention=attention)
+    m = model.clone(decode_step=attention)
     decode = jax.jit(lambda tok, pos, cache: m.apply({"params": params}, tok, positions=pos,
                                                      cache=cache))
     cache = m.init_cache(3)
@@ -101,6 +101,10 @@ def test_decode_logits_equal_full_forward(model_and_params):
       got.append(logits)
     np.testing.assert_allclose(np.concatenate(got, 1), full, atol=2e-5, rtol=1e-5,
                                err_msg=attention)
+    if attention == "pallas":   # a step's kernels: the attention, and Llama's RMSNorms
+      step = str(jax.make_jaxpr(decode)(seq[:, :1], jnp.array([3]), cache))
+      assert "decode_attention" in step
+      assert ("rms_norm" in step) == (model.flavour == "llama"), model.flavour
 
 
 def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
@@ -276,7 +280,7 @@ def test_rope_2d_prefix_sampling_cached_equals_full_recompute():
   assert len(np.unique(cached)) > 5
   # With nn/decode_attention's kernel: caches of P + N - 1 = 11 positions, not a power of two.
   np.testing.assert_array_equal(sampling.sample_from_prefix(
-      model.clone(decode_attention="pallas"), params, prefix, **kw), full)
+      model.clone(decode_step="pallas"), params, prefix, **kw), full)
 
 
 def test_remat_gives_the_same_gradients():
@@ -447,7 +451,7 @@ def test_cached_sampling_equals_full_recompute(model_and_params):
     np.testing.assert_array_equal(sampling.sample(model, params, labels, rng=rng,
                                                   decode_kernels=kernels, **SAMPLE_KW), full)
   # The attention of each step as nn/decode_attention's kernel (one decoding loop by default).
-  pallas = model.clone(decode_attention="pallas")
+  pallas = model.clone(decode_step="pallas")
   assert sampling.default_cache_segments(256, "pallas") == 1
   for kernels in ("separate", "fused_cublas"):
     np.testing.assert_array_equal(sampling.sample(pallas, params, labels, rng=rng,

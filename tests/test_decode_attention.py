@@ -84,3 +84,48 @@ def test_resolve_and_shape_errors():
   with pytest.raises(ValueError, match="caches must be"):
     decode_attention.append_and_attend(x, x, x, jnp.zeros((1, 2, 5, 4)), jnp.zeros((1, 2, 5, 4)),
                                        jnp.int32(0))
+  with pytest.raises(ValueError, match="rotary"):
+    decode_attention.append_and_attend(x, x, x, jnp.zeros((1, 2, 5, 8)), jnp.zeros((1, 2, 5, 8)),
+                                       jnp.int32(0), rotary=(jnp.ones((1, 3)), jnp.ones((1, 3))))
+  with pytest.raises(ValueError, match="qkv must be"):
+    decode_attention.append_and_attend_qkv(jnp.zeros((1, 2, 2, 8)), jnp.zeros((1, 2, 5, 8)),
+                                           jnp.zeros((1, 2, 5, 8)), jnp.int32(0))
+
+
+def _rotate64(x, cos, sin):
+  """Rotary of x [..., hd] in float64, written from the definition: the head cut into 2P pieces,
+  piece 2p (a) and 2p + 1 (b) turned by angle p: (a cos - b sin, b cos + a sin)."""
+  x = np.asarray(x, np.float64)
+  pieces = np.split(x, 2 * cos.shape[0], axis=-1)
+  out = []
+  for p in range(cos.shape[0]):
+    a, b = pieces[2 * p], pieces[2 * p + 1]
+    out += [a * cos[p] - b * sin[p], b * cos[p] + a * sin[p]]
+  return np.concatenate(out, -1)
+
+
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_rotary_in_the_kernel_against_closed_form(pairs):
+  """With a rotary table the kernel turns q and k itself (1-D: P = 1, 2-D: P = 2), writes the
+  turned key into the cache and attends with the turned query; from the stacked qkv too."""
+  rng = np.random.default_rng(pairs)
+  b, h, hd, length, pos = 2, 3, 16, 90, 70
+  q, k, v = (rng.normal(size=(b, h, hd)).astype(np.float32) for _ in range(3))
+  k_cache, v_cache = (rng.normal(size=(b, h, length, hd)).astype(np.float32) for _ in range(2))
+  angles = rng.uniform(-np.pi, np.pi, (pairs, hd // (2 * pairs)))
+  cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  want, keys, values = _closed_form(_rotate64(q, cos, sin), _rotate64(k, cos, sin), v,
+                                    k_cache, v_cache, pos)
+  table = (jnp.asarray(cos), jnp.asarray(sin))
+  caches = jnp.asarray(k_cache), jnp.asarray(v_cache)
+  separate = decode_attention.append_and_attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                                *caches, jnp.int32(pos), rotary=table)
+  stacked = decode_attention.append_and_attend_qkv(jnp.asarray(np.stack([q, k, v], 1)), *caches,
+                                                   jnp.int32(pos), rotary=table)
+  for y, new_k, new_v in (separate, stacked):
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_k), keys, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new_v), values.astype(np.float32))
+    # Only position `pos` of the key cache changed.
+    np.testing.assert_array_equal(np.delete(np.asarray(new_k), pos, axis=2),
+                                  np.delete(k_cache, pos, axis=2))

@@ -141,7 +141,7 @@ def test_cross_attention_cached_sampling_equals_full_recompute(cross_ar):
       sampling.sample_from_prefix(model.transformer, params, cache_segments=3, **kw), full)
   # The self-attention of each step as nn/decode_attention's kernel (Pallas interpret mode here).
   np.testing.assert_array_equal(sampling.sample_from_prefix(
-      model.transformer.clone(decode_attention="pallas"), params, **kw), full)
+      model.transformer.clone(decode_step="pallas"), params, **kw), full)
   other = sampling.sample_from_prefix(model.transformer, params,
                                       **dict(kw, rng=jax.random.PRNGKey(7)))
   assert (np.asarray(other) != cached).mean() > 0.3

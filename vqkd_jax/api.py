@@ -501,8 +501,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   """Images per second of AR sampling with a randomly initialised model of config.model's size:
   rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
-  sampling.DECODE_KERNELS) and decoding attention of config.bench.decode_attention (default: the
-  model's)."""
+  sampling.DECODE_KERNELS) and decoding step of config.bench.decode_step (default: the model's
+  decode_step)."""
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -516,11 +516,11 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
       lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False))
   labels = jnp.arange(b) % config.data.num_classes
   rows = []
-  attentions = config.bench.get("decode_attention", (model.decode_attention,))
-  for cfg, attention, kernels in itertools.product(
-      dict.fromkeys((config.sampling.cfg_scale, None)), attentions,
+  decode_steps = config.bench.get("decode_step", (model.decode_step,))
+  for cfg, step, kernels in itertools.product(
+      dict.fromkeys((config.sampling.cfg_scale, None)), decode_steps,
       config.bench.get("decode_kernels", DECODE_KERNELS)):
-    decoder = model.clone(decode_attention=attention)
+    decoder = model.clone(decode_step=step)
     run = lambda seed: sample(decoder, params, labels, num_image_tokens=num_tokens,
                               num_classes=config.data.num_classes,
                               codebook_size=config.bench.codebook_size,
@@ -532,7 +532,7 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
                  "precision": config.precision, "batch": b, "tokens": num_tokens,
                  "cfg": cfg or "off", "top_k": config.sampling.top_k,
                  "top_p": config.sampling.top_p, "kernels": kernels,
-                 "attention": decoder.decode_attention_path(),
+                 "decode_step": decoder.decode_step_path(),
                  "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
                  "images/s": f"{b / seconds:.0f}"})
   return rows

@@ -42,13 +42,13 @@ def model_config(variant: str, rope: str = "1d") -> ml_collections.ConfigDict:
   if variant == "gpt2":
     return ml_collections.ConfigDict(dict(
         flavour="gpt2", width=1024, depth=24, num_heads=16, mlp_ratio=4.0, norm_eps=1e-5,
-        dropout=0.1, tie_embeddings=True, attention="auto", decode_attention="auto",
+        dropout=0.1, tie_embeddings=True, attention="auto", decode_step="auto",
         remat=False))
   if variant == "llama":
     return ml_collections.ConfigDict(dict(
         flavour="llama", width=1024, depth=24, num_heads=16, mlp_dim=2816, norm_eps=1e-5,
         rope_theta=10000.0, rope=rope, dropout=0.0, tie_embeddings=False, attention="auto",
-        decode_attention="auto", remat=False))
+        decode_step="auto", remat=False))
   raise ConfigError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
 
 
@@ -67,10 +67,10 @@ def get_config(arg=None):
       cfg_scale=1.75, temperature=1.0, top_k=600, top_p=0.92))
   # `vqkd bench sample` / `bench train --config.data.synthetic=True`: random weights at this size
   # and random codes of this grid and codebook, no tokenizer; `bench sample` times each layout of
-  # the decoding kernels (proposal/sampling.DECODE_KERNELS) with each decoding attention
-  # (model.decode_attention: the Pallas kernel, the einsums).
+  # the decoding kernels (proposal/sampling.DECODE_KERNELS) with each way of running a decoding
+  # step (model.decode_step: the Pallas kernels, XLA's ops).
   c.bench = ml_collections.ConfigDict(dict(grid=16, codebook_size=8192, decode_kernels=(
-      "separate", "fused", "fused_cublas"), decode_attention=("pallas", "xla")))
+      "separate", "fused", "fused_cublas"), decode_step=("pallas", "xla")))
   c.optimizer = optimizer_config(lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                                  schedule="cosine", end_lr=0.0, decay="all")
   c.parallel.strategy = "fsdp"

@@ -1,16 +1,18 @@
 """One decoding step of causal self-attention over a KV cache, as one Pallas (Triton) kernel.
 
-`append_and_attend(q, k, v, k_cache, v_cache, position)` writes this step's key and value at
-`position` of the cache (in place: the caches are aliased to the outputs) and attends the query to
-the cached positions <= position. Each (row, head) is one program that reads only the filled part
-of its cache, `position` keys and values, in blocks of at most 64 (masked loads), with an online
-softmax in float32; the XLA einsum path reads the whole cache (masked), every layer and step.
+`append_and_attend(q, k, v, k_cache, v_cache, position, rotary)` (or `append_and_attend_qkv` of
+the stacked projections [B, 3, H, hd], read in place) turns q and k by the rotary embedding of
+`position` (optional), writes this step's key and value at `position` of the cache (in place: the
+caches are aliased to the outputs) and attends the query to the cached positions <= position.
+Each (row, head) is one program that reads only the filled part of its cache, `position` keys and
+values, in blocks of at most 64 (masked loads), with an online softmax in float32; the XLA einsum
+path reads the whole cache (masked), every layer and step.
 
-It computes what the einsums of `proposal.ar.CausalSelfAttention` compute (the scaled query in the
-computation dtype, scores and softmax in float32), in another summation order, and keeps the
-softmax weights in float32 where the einsum path rounds them to the computation dtype before
-multiplying the values: equal within rounding (tests/test_decode_attention.py against the einsum
-path and a float64 closed form).
+It computes what `proposal.ar.CausalSelfAttention` computes with XLA's ops (the rotary in float32
+rounded to the computation dtype, the scaled query in that dtype, scores and softmax in float32),
+in another summation order, and keeps the softmax weights in float32 where the einsum path rounds
+them to the computation dtype before multiplying the values: equal within rounding
+(tests/test_decode_attention.py against the einsum path and a float64 closed form).
 
 On GPUs the kernel is compiled by Pallas' Triton backend; elsewhere it runs in Pallas' interpret
 mode (slow: for tests). `resolve` gives the path of an `implementation` setting.
@@ -19,10 +21,13 @@ Measured on an H100 (5 Dec 2026), Llama medium (16 heads of 64), 256 image token
 CFG (128 rows), bf16, `decode_kernels="fused_cublas"`: 157.6 images/s against 141.6 with the
 einsums in 4 cache segments (the same tokens for one seed), first call 5.4 s against 21.8 s. The
 kernel then takes 28.6 us per layer and step on average (2.3 TB/s of the cache read), 44% of the
-sampling time. Tried and slower there: blocks of 32 (156.7 images/s), 128 (152.5) and 256 with
-8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program (152.1,
-146.1; 121.4 with 8 warps). XLA's partitioner has no rule for the kernel's custom call, so with
-the batch sharded over several GPUs it would run replicated (correct, slower; not measured).
+sampling time. Turning q / k in the kernel (instead of an XLA fusion before it) left that at
+28.7 us and saved the fusion's 1.7 us per layer and step; with nn/rms_norm.py's kernel for the
+RMSNorms, 168.4 images/s. Tried and slower: blocks of 32 (156.7 images/s), 128 (152.5) and 256
+with 8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program
+(152.1, 146.1; 121.4 with 8 warps). XLA's partitioner has no rule for the kernel's custom call,
+so with the batch sharded over several GPUs it would run replicated (correct, slower; not
+measured).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def resolve(implementation: str, head_dim: int) -> str:
     return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
   if implementation == "pallas" and not fits and jax.default_backend() == "gpu":
     raise ValueError(f"the Pallas decode attention needs a power-of-two head dim, got {head_dim}: "
-                     f"use decode_attention='xla'")
+                     f"use decode_step='xla'")
   return implementation
 
 
@@ -58,19 +63,40 @@ def _block(length: int) -> int:
   return 1 << (min(length, MAX_BLOCK).bit_length() - 1)
 
 
-def _kernel(pos_ref, q_ref, k_ref, v_ref, k_cache_in, v_cache_in, o_ref, k_cache, v_cache, *,
-            block: int, length: int, scale: float):
-  """One (row, head): q / k / v refs [hd]; caches [S, hd] (the inputs aliased to the outputs)."""
+def _kernel(pos_ref, *refs, block: int, length: int, scale: float, pairs: int):
+  """One (row, head): q / k / v refs [hd]; caches [S, hd] (the inputs aliased to the outputs);
+  with `pairs`, cos / sin refs [pairs, hd / (2 pairs)] first.
+
+  A head vector is handled as n = 2 pairs pieces of hd / n (n = 1 without rotary): the rotary turns
+  piece 2p with piece 2p + 1 by (cos[p], sin[p]) in float32, then rounds to the input dtype (as
+  `proposal.ar.rotary` does), and the scores are sums over the pieces: no in-kernel concatenation
+  or gather. Values are read whole."""
+  if pairs:
+    cos_ref, sin_ref, *refs = refs
+  q_ref, k_ref, v_ref, k_cache_in, v_cache_in, o_ref, k_cache, v_cache = refs
   pos = pos_ref[0]
-  q = (q_ref[...] * jnp.asarray(scale, q_ref.dtype)).astype(jnp.float32)
-  k_new, v_new = k_ref[...], v_ref[...]
-  k_cache[pl.ds(pos, 1), :] = k_new[None].astype(k_cache.dtype)
+  hd = q_ref.shape[-1]
+  n = 2 * pairs if pairs else 1
+  c = hd // n
+  piece = lambda ref, i: ref[pl.ds(i * c, c)]
+  qs = [piece(q_ref, i) for i in range(n)]
+  ks = [piece(k_ref, i) for i in range(n)]
+  for p in range(pairs):
+    cos, sin = cos_ref[p, :], sin_ref[p, :]
+    for xs in (qs, ks):
+      a, b = xs[2 * p].astype(jnp.float32), xs[2 * p + 1].astype(jnp.float32)
+      xs[2 * p] = (a * cos - b * sin).astype(q_ref.dtype)
+      xs[2 * p + 1] = (b * cos + a * sin).astype(q_ref.dtype)
+  qs = [(x * jnp.asarray(scale, q_ref.dtype)).astype(jnp.float32) for x in qs]
+  v_new = v_ref[...]
+  for i in range(n):
+    k_cache[pl.ds(pos, 1), pl.ds(i * c, c)] = ks[i][None].astype(k_cache.dtype)
   v_cache[pl.ds(pos, 1), :] = v_new[None].astype(v_cache.dtype)
   # The softmax state starts from this step's own key / value (always attended); the blocks
   # cover the positions < pos. A block starting past length - block is moved back to end at
   # `length`: positions it repeats from the block before are masked by kpos >= j * block.
-  m0 = jnp.sum(k_new.astype(jnp.float32) * q)
-  acc0 = v_new.astype(jnp.float32)
+  m0 = sum(jnp.sum(k.astype(k_cache.dtype).astype(jnp.float32) * q) for k, q in zip(ks, qs))
+  acc0 = v_new.astype(v_cache.dtype).astype(jnp.float32)
 
   def body(j, carry):
     m, l, acc = carry
@@ -79,10 +105,11 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, k_cache_in, v_cache_in, o_ref, k_cache
     kpos = start + jnp.arange(block)
     live = (kpos >= lo) & (kpos < pos)
     # Masked loads: rows past the filled cache are not read from memory.
-    load = lambda ref: pl_triton.load(ref.at[pl.ds(start, block), :], mask=live[:, None],
-                                      other=0.0).astype(jnp.float32)             # [block, hd]
-    keys, values = load(k_cache_in), load(v_cache_in)
-    s = jnp.where(live, jnp.sum(keys * q[None, :], axis=1), -jnp.inf)
+    load = lambda ref, cols: pl_triton.load(ref.at[pl.ds(start, block), cols], mask=live[:, None],
+                                            other=0.0).astype(jnp.float32)   # [block, cols]
+    s = sum(jnp.sum(load(k_cache_in, pl.ds(i * c, c)) * qs[i][None, :], axis=1) for i in range(n))
+    s = jnp.where(live, s, -jnp.inf)
+    values = load(v_cache_in, slice(None))
     m_new = jnp.maximum(m, jnp.max(s))
     p = jnp.exp(s - m_new)
     alpha = jnp.exp(m - m_new)
@@ -94,19 +121,52 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, k_cache_in, v_cache_in, o_ref, k_cache
 
 
 def append_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                      v_cache: jax.Array, position: jax.Array):
+                      v_cache: jax.Array, position: jax.Array, rotary=None):
   """q, k, v [B, H, hd] of one step at `position` (int32 scalar), caches [B, H, S, hd].
 
   Returns (output [B, H, hd] in q's dtype, k_cache, v_cache) with k / v written at `position`;
   the output attends to cache positions < position and to k / v. Inside a jitted loop the caches
-  are updated in place (aliased); position must be < S (not checked on device)."""
-  b, h, hd = q.shape
-  length = k_cache.shape[2]
+  are updated in place (aliased); position must be < S (not checked on device).
+
+  rotary: None (q and k used as given), or (cos, sin) float32 [P, hd / (2 P)] of this step's
+  position: q and k are turned in the kernel, piece 2p of hd / (2 P) with piece 2p + 1 by
+  (cos[p], sin[p]). P = 1 is the half-split rotary of `proposal.ar.rotary`, P = 2 the 2-D one of
+  `rotary_2d` (rows on the first half, columns on the second)."""
   if k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
+  row = lambda i, j: (i, j, 0)
+  return _append_and_attend((q, k, v), (row, row, row), q.shape, k_cache, v_cache, position,
+                            rotary)
+
+
+def append_and_attend_qkv(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                          position: jax.Array, rotary=None):
+  """`append_and_attend` of the stacked projections qkv [B, 3, H, hd] (q, k, v on axis 1), read
+  in place by the kernel (no slices copied out first)."""
+  if qkv.ndim != 4 or qkv.shape[1] != 3:
+    raise ValueError(f"qkv must be [B, 3, H, hd], got {qkv.shape}")
+  maps = tuple((lambda i, j, t=t: (i, t, j, 0)) for t in range(3))
+  b, _, h, hd = qkv.shape
+  return _append_and_attend((qkv,) * 3, maps, (b, h, hd), k_cache, v_cache, position, rotary)
+
+
+def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary):
+  b, h, hd = qshape
+  length = k_cache.shape[2]
   if k_cache.shape != (b, h, length, hd) or v_cache.shape != k_cache.shape:
     raise ValueError(f"caches must be [{b}, {h}, S, {hd}], got {k_cache.shape}, {v_cache.shape}")
+  pairs = 0
+  extra, extra_specs = (), []
+  if rotary is not None:
+    cos, sin = rotary
+    pairs = cos.shape[0]
+    if cos.shape != (pairs, hd // (2 * pairs)) or sin.shape != cos.shape or hd % (2 * pairs):
+      raise ValueError(f"rotary (cos, sin) must be [P, {hd} / (2 P)], got {cos.shape}, "
+                       f"{sin.shape}")
+    extra = (cos.astype(jnp.float32), sin.astype(jnp.float32))
+    extra_specs = [pl.BlockSpec(cos.shape, lambda i, j: (0, 0))] * 2
   block = _block(length)
+  vec = lambda m: pl.BlockSpec((None,) * (len(srcs[0].shape) - 1) + (hd,), m)
   row = pl.BlockSpec((None, None, hd), lambda i, j: (i, j, 0))
   cache = pl.BlockSpec((None, None, length, hd), lambda i, j: (i, j, 0, 0))
   on_gpu = jax.default_backend() == "gpu"
@@ -114,14 +174,16 @@ def append_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arr
     params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=2))
   else:
     params = dict(interpret=True)
+  n_in = 1 + len(extra) + 3
   return pl.pallas_call(
-      functools.partial(_kernel, block=block, length=length, scale=hd ** -0.5),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+      functools.partial(_kernel, block=block, length=length, scale=hd ** -0.5, pairs=pairs),
+      out_shape=(jax.ShapeDtypeStruct(qshape, srcs[0].dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       grid=(b, h),
-      in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), row, row, row, cache, cache],
+      in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), *extra_specs,
+                *(vec(m) for m in maps), cache, cache],
       out_specs=(row, cache, cache),
-      input_output_aliases={4: 1, 5: 2},
+      input_output_aliases={n_in: 1, n_in + 1: 2},
       name="decode_attention", **params)(
-          jnp.reshape(jnp.asarray(position, jnp.int32), (1,)), q, k, v, k_cache, v_cache)
+          jnp.reshape(jnp.asarray(position, jnp.int32), (1,)), *extra, *srcs, k_cache, v_cache)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from vqkd_jax.nn import decode_attention as decode_attention_lib
+from vqkd_jax.nn import rms_norm as rms_norm_lib
 from vqkd_jax.nn.attention import dense_init, head_projection, output_projection, use_cudnn
 from vqkd_jax.nn.cross_attention import CrossAttention
 
@@ -164,12 +165,22 @@ def _fused_dense(x, kernel, bias, dtype):
 # ----------------------------------------------------------------------------------------------
 # Layers.
 
-def _norm(flavour: str, name: str, dtype, eps: float):
+def _norm(flavour: str, name: str, dtype, eps: float, kernel: bool = False):
+  """The block's norm; `kernel`: Llama's RMSNorm as nn/rms_norm.py's Pallas kernel (the same
+  parameter and result), for decoding steps."""
   init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
   if flavour == "llama":
-    return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=init)
+    module = rms_norm_lib.RMSNorm if kernel else nn.RMSNorm
+    return module(epsilon=eps, dtype=dtype, name=name, scale_init=init)
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=init,
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def _pallas_step(decode_step: str, cache, t: int, width: int, num_heads: int) -> bool:
+  """Whether a call of t tokens is a one-token decoding step that runs the Pallas kernels
+  (`decode_step` resolved for the head dim by nn/decode_attention.resolve)."""
+  return (cache is not None and t == 1
+          and decode_attention_lib.resolve(decode_step, width // num_heads) == "pallas")
 
 
 def _dense(features: int, names: tuple[str, str], name: str, use_bias: bool, dtype,
@@ -249,7 +260,7 @@ class CausalSelfAttention(nn.Module):
   dropout: float = 0.0
   implementation: str = "auto"
   dtype: Dtype = jnp.float32
-  decode_attention: str = "auto"
+  decode_step: str = "auto"
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False):
@@ -262,12 +273,22 @@ class CausalSelfAttention(nn.Module):
                          self.get_variable(DECODE, "qkv_bias") if self.use_bias else None,
                          self.dtype)                                    # [B, T, 3, H, hd]
       b, t = qkv.shape[:2]
+      if _pallas_step(self.decode_step, cache, t, d, self.num_heads):
+        # the rotary, the cache write and the attention in one kernel
+        y, ck, cv = decode_attention_lib.append_and_attend_qkv(
+            qkv[:, 0], *cache, positions[0], self._rotary_table(positions[:1], hd))
+        return self._out(y[:, None], d), (ck, cv)
       qk, v = qkv[:, :, :2].reshape(b, t, 2 * self.num_heads, hd), qkv[:, :, 2]
       qk = self._rotate(qk, positions, pairs=True)
       q, k = qk[:, :, :self.num_heads], qk[:, :, self.num_heads:]
     else:
       proj = lambda name: head_projection(self.num_heads, hd, self.use_bias, self.dtype, name)
       q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+      if _pallas_step(self.decode_step, cache, q.shape[1], d, self.num_heads):
+        y, ck, cv = decode_attention_lib.append_and_attend(
+            q[:, 0], k[:, 0], v[:, 0], *cache, positions[0],
+            self._rotary_table(positions[:1], hd))
+        return self._out(y[:, None], d), (ck, cv)
       q, k = self._rotate(q, positions), self._rotate(k, positions)
     if cache is None and self._use_cudnn(q, train):
       # Fused flash attention (cuDNN; float32 softmax inside). Positions increase, so the mask
@@ -285,11 +306,6 @@ class CausalSelfAttention(nn.Module):
       # The cache is [B, H, S, hd]: each step's einsums read it in place (a [B, S, H, hd] cache
       # is transposed, a full copy per layer and step).
       ck, cv = cache
-      if q.shape[1] == 1 and decode_attention_lib.resolve(self.decode_attention, hd) == "pallas":
-        y, ck, cv = decode_attention_lib.append_and_attend(
-            q[:, 0], k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype),
-            ck, cv, positions[0])    # [B, H, hd] per step: one kernel writes and attends
-        return self._out(y[:, None], d), (ck, cv)
       start = (0, 0, positions[0], 0)
       ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
       cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
@@ -303,6 +319,19 @@ class CausalSelfAttention(nn.Module):
     weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
     y = jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
     return self._out(y, d), new_cache
+
+  def _rotary_table(self, positions, hd: int):
+    """(cos, sin) float32 [P, hd / (2 P)] of positions [1] for the kernel: P = 1 for "1d" (the
+    halves of a head turned together), 2 for "2d" (the first half's quarters by the grid row,
+    the second half's by the column); None without rotary positions."""
+    if self.rope == "1d":
+      return _rotary_cos_sin(positions, hd, self.rope_theta)
+    if self.rope == "2d":
+      rows, cols = grid_positions(positions, self.grid, self.num_prefix)
+      cr, sr = _rotary_cos_sin(rows, hd // 2, self.rope_theta)
+      cc, sc = _rotary_cos_sin(cols, hd // 2, self.rope_theta)
+      return jnp.concatenate([cr, cc]), jnp.concatenate([sr, sc])
+    return None
 
   def _rotate(self, x, positions, pairs=False):
     """The rotary positions (if any) of queries or keys [B, T, heads, hd]."""
@@ -342,7 +371,7 @@ class DecoderBlock(nn.Module):
   grid: tuple[int, int] | None = None
   num_prefix: int = 0
   cross_attention: bool = False
-  decode_attention: str = "auto"
+  decode_step: str = "auto"
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False, context=None,
@@ -351,12 +380,15 @@ class DecoderBlock(nn.Module):
     bias = not llama
     std = 0.02 if llama else 0.02 / (2 * self.depth) ** 0.5  # GPT-2 scales residual projections.
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
+    kernel = _pallas_step(self.decode_step, cache, x.shape[1], x.shape[-1],
+                          self.num_heads) and rms_norm_lib.fits(x.shape[-1])
+    norm = lambda name: _norm(self.flavour, name, self.dtype, self.norm_eps, kernel)
     h, self_cache = CausalSelfAttention(
         self.num_heads, use_bias=bias, rope=self.rope if llama else None,
         rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
         dropout=self.dropout, implementation=self.attention, dtype=self.dtype,
-        decode_attention=self.decode_attention, name="attn")(
-            _norm(self.flavour, "norm1", self.dtype, self.norm_eps)(x), positions,
+        decode_step=self.decode_step, name="attn")(
+            norm("norm1")(x), positions,
             None if cache is None else cache[:2], train)
     x = x + drop(h)
     new_cache = self_cache
@@ -365,13 +397,13 @@ class DecoderBlock(nn.Module):
       h, (ck, cv) = CrossAttention(
           self.num_heads, use_bias=bias, out_init_std=std, implementation=self.attention,
           dtype=self.dtype, name="cross_attn")(
-              _norm(self.flavour, "norm_cross", self.dtype, self.norm_eps)(x), context,
+              norm("norm_cross")(x), context,
               context_mask, cached_kv)
       x = x + drop(h)
       if cache is not None:        # the context's keys / values: kept, or written once
         new_cache = (*self_cache, *(cached_kv or (ck.astype(cache[2].dtype),
                                                   cv.astype(cache[3].dtype))))
-    h = _norm(self.flavour, "norm2", self.dtype, self.norm_eps)(x)
+    h = norm("norm2")(x)
     if llama and self.has_variable(DECODE, "gate_up"):   # fuse_for_decoding's [D, 2F] kernel
       gate_up = _fused_dense(h, self.get_variable(DECODE, "gate_up"), None, self.dtype)
       h = _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(
@@ -409,12 +441,13 @@ class ARTransformer(nn.Module):
       the image tokens, the seq_len - h w before them (class token, prefix) sit at (0, 0).
     attention: "xla" (einsums, float32 scores and softmax), "cudnn" (fused flash attention) or
       "auto" (cudnn on GPU in bfloat16/float16 for full sequences without attention dropout, else
-      xla). Decoding with a cache uses the einsum path, or `decode_attention`'s kernel.
-    decode_attention: the attention of a decoding step of one token with a cache:
-      "xla" (the einsums, over the whole cache, masked), "pallas" (nn/decode_attention.py: one
-      kernel writes the step's key / value and reads only the filled cache) or "auto" (pallas on
-      GPU with a power-of-two head dim, xla elsewhere; the kernel runs in Pallas' interpret mode
-      off GPUs). `decode_attention_path()` says which.
+      xla). Decoding with a cache uses the einsum path, or `decode_step`'s kernels.
+    decode_step: how a decoding step of one token with a cache runs: "xla" (XLA's ops; the
+      attention as einsums over the whole cache, masked), "pallas" (Pallas kernels: the attention
+      of nn/decode_attention.py, which turns q / k by the rotary, writes the step's key / value
+      and reads only the filled cache; Llama's RMSNorms as nn/rms_norm.py's kernel where the width
+      is a power of two) or "auto" (pallas on GPU with a power-of-two head dim, xla elsewhere;
+      the kernels run in Pallas' interpret mode off GPUs). `decode_step_path()` says which.
     remat: recompute each block's activations in the backward pass (memory for large batches).
     cross_attention: every block cross-attends to a `context` [B, L, width] (e.g. projected text
       states) after its self-attention; padded context tokens (context_mask False) get no weight.
@@ -446,7 +479,7 @@ class ARTransformer(nn.Module):
   rope: str = "1d"
   grid: tuple[int, int] | None = None
   cross_attention: bool = False
-  decode_attention: str = "auto"
+  decode_step: str = "auto"
 
   def mlp_hidden(self) -> int:
     if self.mlp_dim:
@@ -492,11 +525,13 @@ class ARTransformer(nn.Module):
       x, c = block(self.num_heads, self.mlp_hidden(), self.flavour, self.depth, self.rope_theta,
                    self.norm_eps, self.dropout, self.attention, self.dtype, rope=self.rope,
                    grid=self.grid, num_prefix=num_prefix, cross_attention=self.cross_attention,
-                   decode_attention=self.decode_attention, name=f"block{i}")(
+                   decode_step=self.decode_step, name=f"block{i}")(
                        x, positions, None if cache is None else cache[i], train, context,
                        context_mask)
       new_cache.append(c)
-    x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps)(x)
+    kernel = _pallas_step(self.decode_step, cache, t, self.width,
+                          self.num_heads) and rms_norm_lib.fits(self.width)
+    x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps, kernel)(x)
     # Operands in the computation dtype, logits accumulated and returned in float32.
     if self.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(self.dtype),
@@ -508,9 +543,9 @@ class ARTransformer(nn.Module):
                          kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x)
     return logits if cache is None else (logits, new_cache)
 
-  def decode_attention_path(self) -> str:
-    """What `decode_attention` resolves to for this model's heads: "xla" or "pallas"."""
-    return decode_attention_lib.resolve(self.decode_attention, self.width // self.num_heads)
+  def decode_step_path(self) -> str:
+    """What `decode_step` resolves to for this model's heads: "xla" or "pallas"."""
+    return decode_attention_lib.resolve(self.decode_step, self.width // self.num_heads)
 
   def _check_rope(self) -> int:
     """Validates rope / grid; returns the number of leading non-image positions (rope "2d")."""

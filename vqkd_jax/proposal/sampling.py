@@ -8,9 +8,10 @@ appended to both halves of the doubled batch.
 `sample` is one jitted program of `lax.fori_loop`s with a KV cache ([B, heads, S, head_dim], the
 float parameters cast to the computation dtype once, optionally each block's q / k / v and gate /
 up kernels fused into one kernel each (`decode_kernels`, `ar.fuse_for_decoding`)). Each step's
-attention is the model's `decode_attention`: on GPUs by default one Pallas kernel that reads only
-the filled cache (nn/decode_attention.py), in one loop; with the einsums, `cache_segments` loops,
-each attending to the part of the cache filled by its end. `sample_full_recompute` is the
+attention is as the model's `decode_step` says: on GPUs by default one Pallas kernel that turns q / k
+by the rotary, writes the cache and reads only its filled part (nn/decode_attention.py), in one
+loop; with the einsums, `cache_segments` loops, each attending to the part of the cache filled by
+its end. `sample_full_recompute` is the
 reference path recomputing the whole prefix each step, and draws exactly the same tokens.
 
 Text-to-image (proposal/t2i.py): `sample_from_prefix` starts from prefix embeddings instead of a class
@@ -157,7 +158,7 @@ def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, tempera
 
 def default_cache_segments(num_image_tokens: int, attention_path: str = "xla") -> int:
   """Decoding loops of a sampling call when `cache_segments` is None. With the einsum attention
-  (the model's decode_attention_path() "xla"), one per 64 image tokens, at most 4. H200, Llama
+  (the model's decode_step_path() "xla"), one per 64 image tokens, at most 4. H200, Llama
   medium, 256 tokens, batch 64 with CFG: 4 loops 136 images/s, one 113, the first call 23 s
   against 5 s (`vqkd bench sample`); short sequences (the demo's, the tests') read little cache
   and keep one loop body to compile. With the Pallas kernel, which reads only the filled cache,
@@ -273,7 +274,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   One jitted program: the float parameters cast to the model's dtype once, then fori_loops over
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
   cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
-  None: default_cache_segments, 1 with model.decode_attention's Pallas kernel, which reads only
+  None: default_cache_segments, 1 with model.decode_step's Pallas kernel, which reads only
   the filled cache anyway). decode_kernels: one of DECODE_KERNELS (the same tokens).
   """
   if num_image_tokens + 1 > model.seq_len:
@@ -282,7 +283,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
                         cache_segments=int(cache_segments or default_cache_segments(
-                            num_image_tokens, model.decode_attention_path())),
+                            num_image_tokens, model.decode_step_path())),
                         decode_kernels=decode_kernels,
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
@@ -424,7 +425,7 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                                context=context, context_mask=context_mask,
                                uncond_context=uncond_context,
                                cache_segments=int(cache_segments or default_cache_segments(
-                                   num_image_tokens, model.decode_attention_path())),
+                                   num_image_tokens, model.decode_step_path())),
                                **static)
 
 

@@ -1,0 +1,39 @@
+"""nn/rms_norm: the Pallas RMSNorm (interpret mode off GPUs) against a float64 closed form and
+flax.linen.RMSNorm, whose parameter tree it shares."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqkd_jax.nn import rms_norm
+
+
+def test_against_closed_form_and_flax():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 1, 64)).astype(np.float32) * 4 + 1
+  scale = (1 + 0.1 * rng.normal(size=(64,))).astype(np.float32)
+  x64 = x.astype(np.float64)
+  want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * scale
+  got = rms_norm.rms_norm(jnp.asarray(x), jnp.asarray(scale), 1e-5)
+  assert got.shape == x.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-6)
+  # As a module: flax's parameter tree, flax's values (bfloat16 out as flax with dtype=bf16).
+  for dtype in (jnp.float32, jnp.bfloat16):
+    ours, theirs = rms_norm.RMSNorm(1e-5, dtype), nn.RMSNorm(epsilon=1e-5, dtype=dtype)
+    params = theirs.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == \
+        jax.tree.map(jnp.shape, params)
+    params = {"params": {"scale": jnp.asarray(scale)}}
+    a, b = ours.apply(params, jnp.asarray(x, dtype)), theirs.apply(params, jnp.asarray(x, dtype))
+    assert a.dtype == b.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol)
+
+
+def test_errors():
+  assert rms_norm.fits(1024) and not rms_norm.fits(768)
+  with pytest.raises(ValueError, match="scale must be"):
+    rms_norm.rms_norm(jnp.zeros((2, 8)), jnp.ones((4,)), 1e-5)
