@@ -25,9 +25,10 @@ sampling time. Turning q / k in the kernel (instead of an XLA fusion before it) 
 28.7 us and saved the fusion's 1.7 us per layer and step; with nn/rms_norm.py's kernel for the
 RMSNorms, 168.4 images/s. Tried and slower: blocks of 32 (156.7 images/s), 128 (152.5) and 256
 with 8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program
-(152.1, 146.1; 121.4 with 8 warps). XLA's partitioner has no rule for the kernel's custom call,
-so with the batch sharded over several GPUs it would run replicated (correct, slower; not
-measured).
+(152.1, 146.1; 121.4 with 8 warps); with the rotary inside, 1 or 3 pipeline stages (166.8,
+167.6 against 167-168) and 2 warps with 3 stages (161.8). XLA's partitioner has no rule for the
+kernel's custom call, so with the batch sharded over several GPUs it would run replicated
+(correct, slower; not measured).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from jax.experimental.pallas import triton as pl_triton
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 MAX_BLOCK = 64      # cache positions per block
 NUM_WARPS = 4       # of a Triton program
+NUM_STAGES = 2      # Triton's software pipelining of the block loop
 
 
 def resolve(implementation: str, head_dim: int) -> str:
@@ -171,7 +173,8 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary):
   cache = pl.BlockSpec((None, None, length, hd), lambda i, j: (i, j, 0, 0))
   on_gpu = jax.default_backend() == "gpu"
   if on_gpu:
-    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=2))
+    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS,
+                                                           num_stages=NUM_STAGES))
   else:
     params = dict(interpret=True)
   n_in = 1 + len(extra) + 3
