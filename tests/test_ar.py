@@ -120,6 +120,10 @@ def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
   assert ("qkv_bias" in fused["attn"]) == (model.flavour == "gpt2")
   assert ("gate_up" in fused) == (model.flavour == "llama")
   assert "query" not in variables["params"]["block0"]["attn"]
+  # The output head zero-padded to a multiple of 128 columns (the sampler slices the logits back).
+  head = variables[ar_lib.DECODE]["head"]
+  assert head.shape == (32, -(-VOCAB // ar_lib.HEAD_MULTIPLE) * ar_lib.HEAD_MULTIPLE)
+  assert not np.asarray(head[:, VOCAB:]).any() and "head" not in variables["params"]
   seq = jnp.asarray(_tokens(np.random.default_rng(2), 3, NUM_TOKENS))
   decode = jax.jit(lambda v, tok, pos, cache: model.apply(v, tok, positions=pos, cache=cache))
   for v in ({"params": params}, variables):
@@ -133,6 +137,14 @@ def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
     if v is variables:
       np.testing.assert_allclose(got, plain, atol=1e-6, rtol=1e-6)
     plain = got
+  # A tied head: the padded DECODE head is the embedding transposed; the same logits.
+  tied = _model(model.flavour, tie_embeddings=True)
+  tied_params = _random_params(tied)
+  tied_vars = ar_lib.fuse_for_decoding({"params": tied_params})
+  np.testing.assert_array_equal(tied_vars[ar_lib.DECODE]["head"][:, :VOCAB],
+                                tied_params["token_embed"]["embedding"].T)
+  np.testing.assert_allclose(tied.apply(tied_vars, seq), tied.apply({"params": tied_params}, seq),
+                             atol=1e-6, rtol=1e-6)
 
 
 def test_causal(model_and_params):

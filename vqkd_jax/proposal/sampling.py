@@ -239,8 +239,9 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # The same tokens on every path in tests/test_ar.py (CPU, float32), and on an H100 in bfloat16
 # (Llama medium, CFG, batch 64, one seed; a GPU's GEMMs could round bf16 differently between
 # layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75 / without)
-# with the Pallas decode attention: separate 130 / 194, fused 134 / 200, fused_cublas 158 / 198,
-# the default; with the einsum attention in 4 cache segments 123 / 184, 124 / 186, 142 / 179.
+# with the Pallas decoding step (model.decode_step): separate 137 / 188, fused 145 / 205,
+# fused_cublas 167 / 212, the default; with XLA's ops (the einsum attention in 4 cache segments)
+# 123 / 184, 125 / 186, 142 / 181.
 DECODE_KERNELS = ("separate", "fused", "fused_cublas")
 
 
