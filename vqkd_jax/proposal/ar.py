@@ -177,12 +177,12 @@ def _fused_dense(x, kernel, bias, dtype):
 # ----------------------------------------------------------------------------------------------
 # Layers.
 
-def _norm(flavour: str, name: str, dtype, eps: float, kernel: bool = False):
-  """The block's norm; `kernel`: Llama's RMSNorm as nn/rms_norm.py's Pallas kernel (the same
+def _norm(flavour: str, name: str, dtype, eps: float, pallas: bool = False):
+  """The block's norm; `pallas`: Llama's RMSNorm as nn/rms_norm.py's Pallas kernel (the same
   parameter and result), for decoding steps."""
   init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
   if flavour == "llama":
-    module = rms_norm_lib.RMSNorm if kernel else nn.RMSNorm
+    module = rms_norm_lib.RMSNorm if pallas else nn.RMSNorm
     return module(epsilon=eps, dtype=dtype, name=name, scale_init=init)
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=init,
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
@@ -392,9 +392,9 @@ class DecoderBlock(nn.Module):
     bias = not llama
     std = 0.02 if llama else 0.02 / (2 * self.depth) ** 0.5  # GPT-2 scales residual projections.
     drop = lambda h: nn.Dropout(self.dropout, deterministic=not train)(h)
-    kernel = _pallas_step(self.decode_step, cache, x.shape[1], x.shape[-1],
-                          self.num_heads) and rms_norm_lib.fits(x.shape[-1])
-    norm = lambda name: _norm(self.flavour, name, self.dtype, self.norm_eps, kernel)
+    pallas_norm = _pallas_step(self.decode_step, cache, x.shape[1], x.shape[-1],
+                               self.num_heads) and rms_norm_lib.fits(x.shape[-1])
+    norm = lambda name: _norm(self.flavour, name, self.dtype, self.norm_eps, pallas_norm)
     h, self_cache = CausalSelfAttention(
         self.num_heads, use_bias=bias, rope=self.rope if llama else None,
         rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
@@ -541,9 +541,9 @@ class ARTransformer(nn.Module):
                        x, positions, None if cache is None else cache[i], train, context,
                        context_mask)
       new_cache.append(c)
-    kernel = _pallas_step(self.decode_step, cache, t, self.width,
-                          self.num_heads) and rms_norm_lib.fits(self.width)
-    x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps, kernel)(x)
+    pallas_norm = _pallas_step(self.decode_step, cache, t, self.width,
+                               self.num_heads) and rms_norm_lib.fits(self.width)
+    x = _norm(self.flavour, "norm_out", self.dtype, self.norm_eps, pallas_norm)(x)
     # Operands in the computation dtype, logits accumulated and returned in float32.
     if self.has_variable(DECODE, "head"):        # fuse_for_decoding's padded head
       head = jnp.asarray(self.get_variable(DECODE, "head"), self.dtype)
