@@ -42,11 +42,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, dtype=None) -> jax.
   d = x.shape[-1]
   if scale.shape != (d,):
     raise ValueError(f"scale must be [{d}], got {scale.shape}")
-  if jax.default_backend() == "gpu" and not fits(d):
+  on_gpu = jax.default_backend() == "gpu"
+  if on_gpu and not fits(d):
     raise ValueError(f"the Pallas RMSNorm needs a power-of-two feature count, got {d}")
   dtype = dtype or jnp.result_type(x.dtype, scale.dtype)
   rows = x.reshape(-1, d)
-  if jax.default_backend() == "gpu":
+  if on_gpu:
     params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
   else:
     params = dict(interpret=True)

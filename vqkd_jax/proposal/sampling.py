@@ -11,8 +11,8 @@ up kernels fused into one kernel each (`decode_kernels`, `ar.fuse_for_decoding`)
 attention is as the model's `decode_step` says: on GPUs by default one Pallas kernel that turns
 q / k by the rotary, writes the cache and reads only its filled part (nn/decode_attention.py), in
 one loop; with the einsums, `cache_segments` loops, each attending to the part of the cache
-filled by its end. `sample_full_recompute` is the
-reference path recomputing the whole prefix each step, and draws exactly the same tokens.
+filled by its end. `sample_full_recompute` is the reference path recomputing the whole prefix
+each step, and draws exactly the same tokens.
 
 Text-to-image (proposal/t2i.py): `sample_from_prefix` starts from prefix embeddings instead of a class
 token (the vocabulary is then the codebook alone); its rows for guidance are [prefix; uncond_prefix].
