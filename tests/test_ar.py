@@ -125,18 +125,38 @@ def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
   assert head.shape == (32, -(-VOCAB // ar_lib.HEAD_MULTIPLE) * ar_lib.HEAD_MULTIPLE)
   assert not np.asarray(head[:, VOCAB:]).any() and "head" not in variables["params"]
   seq = jnp.asarray(_tokens(np.random.default_rng(2), 3, NUM_TOKENS))
-  decode = jax.jit(lambda v, tok, pos, cache: model.apply(v, tok, positions=pos, cache=cache))
-  for v in ({"params": params}, variables):
-    cache = model.init_cache(3)
+
+  def decoded(m, v):    # prefill 4 tokens, then one token per step
+    decode = jax.jit(lambda v, tok, pos, cache: m.apply(v, tok, positions=pos, cache=cache))
+    cache = m.init_cache(3)
     logits, cache = decode(v, seq[:, :4], jnp.arange(4), cache)
     got = [logits]
     for i in range(4, seq.shape[1]):
       logits, cache = decode(v, seq[:, i:i + 1], jnp.array([i]), cache)
       got.append(logits)
-    got = np.concatenate(got, 1)
-    if v is variables:
-      np.testing.assert_allclose(got, plain, atol=1e-6, rtol=1e-6)
-    plain = got
+    return np.concatenate(got, 1), str(jax.make_jaxpr(decode)(v, seq[:, :1], jnp.array([4]),
+                                                               cache))
+
+  plain, _ = decoded(model, {"params": params})
+  np.testing.assert_allclose(decoded(model, variables)[0], plain, atol=1e-6, rtol=1e-6)
+  # Llama's RMSNorm scales folded into qkv_rms / gate_up_rms: the prefill (and XLA's steps) normalise
+  # without scale before the GEMMs; the Pallas steps scale the GEMMs' rows inside the attention and
+  # SwiGLU kernels, and run no RMSNorm kernel in a block (only the final norm's).
+  folded = ar_lib.fuse_for_decoding({"params": params}, fold_norms=True)
+  if model.flavour == "llama":
+    block = folded[ar_lib.DECODE]["block0"]
+    assert set(block) == {"attn", "gate_up_rms"} and set(block["attn"]) == {"qkv_rms"}
+    assert "norm1" not in folded["params"]["block0"] and "norm2" not in folded["params"]["block0"]
+    np.testing.assert_allclose(block["gate_up_rms"][:, 1],
+                               params["block0"]["norm2"]["scale"][:, None] *
+                               params["block0"]["up"]["kernel"], rtol=1e-6)
+    for step in ("xla", "pallas"):
+      got, jaxpr = decoded(model.clone(decode_step=step), folded)
+      np.testing.assert_allclose(got, plain, atol=2e-5, rtol=1e-5, err_msg=step)
+      if step == "pallas":
+        assert jaxpr.count("name=rms_norm") == 1 and jaxpr.count("name=rms_scaled_swiglu") == 2
+  else:    # GPT-2's LayerNorms stay
+    jax.tree.map(np.testing.assert_array_equal, folded, variables)
   # A tied head: the padded DECODE head is the embedding transposed; the same logits.
   tied = _model(model.flavour, tie_embeddings=True)
   tied_params = _random_params(tied)
@@ -462,14 +482,19 @@ def test_cached_sampling_equals_full_recompute(model_and_params):
   for kernels in ("fused", "fused_cublas"):
     np.testing.assert_array_equal(sampling.sample(model, params, labels, rng=rng,
                                                   decode_kernels=kernels, **SAMPLE_KW), full)
-  # The attention of each step as nn/decode_attention's kernel (one decoding loop by default).
+  # The attention of each step as nn/decode_attention's kernel (one decoding loop by default);
+  # Llama's norms folded into the kernels after them; the token drawn by nn/filtered_draw's kernel.
   pallas = model.clone(decode_step="pallas")
   assert sampling.default_cache_segments(256, "pallas") == 1
-  for kernels in ("separate", "fused_cublas"):
-    np.testing.assert_array_equal(sampling.sample(pallas, params, labels, rng=rng,
-                                                  decode_kernels=kernels, **SAMPLE_KW), full)
+  for kernels, draw in (("separate", "xla"), ("fused_cublas", "pallas"), ("folded", "xla"),
+                        ("folded", "pallas")):
+    np.testing.assert_array_equal(sampling.sample(pallas, params, labels, rng=rng, draw=draw,
+                                                  decode_kernels=kernels, **SAMPLE_KW), full,
+                                  err_msg=f"{kernels} {draw}")
   with pytest.raises(ValueError, match="decode_kernels"):
     sampling.sample(model, params, labels, rng=rng, decode_kernels="fast", **SAMPLE_KW)
+  with pytest.raises(ValueError, match="draw"):
+    sampling.sample(model, params, labels, rng=rng, draw="sort", **SAMPLE_KW)
   other = np.asarray(sampling.sample(model, params, labels, rng=jax.random.PRNGKey(7), **SAMPLE_KW))
   assert (other != cached).mean() > 0.3
   assert (cached[3] != cached[4]).any()   # same label, different example index: different streams
@@ -765,6 +790,13 @@ def test_imagenet_ar_bench_train_and_sample_runlocal(variant, capsys):
   assert cli.main(["bench", "sample", "--config", spec, "--steps", "1"]) == 0
   out = capsys.readouterr().out
   assert "| ar " in out and "| ar sampling " in out
+  # The opt-in decoding kernels: folded norms and the Pallas draw (interpret mode here).
+  assert cli.main(["bench", "sample", "--config", spec, "--steps", "1",
+                   "--config.bench.decode_kernels=('folded',)",
+                   "--config.bench.decode_step=('pallas',)", "--config.bench.draw=('pallas',)"]) == 0
+  rows = [[c.strip() for c in r.split("|")] for r in capsys.readouterr().out.splitlines()
+          if "| ar sampling " in r]
+  assert len(rows) == 2 and all("folded" in r and r.count("pallas") == 2 for r in rows), rows
 
 
 def test_ar_stage_starts_from_the_gpt2_checkpoint(tmp_path):

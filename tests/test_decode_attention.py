@@ -129,3 +129,36 @@ def test_rotary_in_the_kernel_against_closed_form(pairs):
     # Only position `pos` of the key cache changed.
     np.testing.assert_array_equal(np.delete(np.asarray(new_k), pos, axis=2),
                                   np.delete(k_cache, pos, axis=2))
+
+
+def test_folded_rms_norm_in_the_kernel_against_closed_form():
+  """With rms=(x, eps) the stacked qkv (float32, a projection of the un-normalised rows x) is
+  scaled by each row's rsqrt(mean(x^2) + eps) before the rotary, the cache write and the attention;
+  rounded to `dtype` (bfloat16 here: the output and the written cache entries are bf16 values)."""
+  rng = np.random.default_rng(5)
+  b, h, hd, length, pos, eps = 3, 2, 16, 40, 21, 1e-5
+  qkv = rng.normal(size=(b, 3, h, hd)).astype(np.float32) * 3
+  x = (rng.normal(size=(b, 32)) * rng.uniform(0.5, 4, (b, 1))).astype(np.float32)
+  r = 1 / np.sqrt((x.astype(np.float64) ** 2).mean(-1) + eps)
+  scaled = qkv * r[:, None, None, None]
+  k_cache, v_cache = (rng.normal(size=(b, h, length, hd)).astype(np.float32) for _ in range(2))
+  angles = rng.uniform(-np.pi, np.pi, (2, hd // 4))
+  cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  want, keys, values = _closed_form(_rotate64(scaled[:, 0], cos, sin),
+                                    _rotate64(scaled[:, 1], cos, sin), scaled[:, 2],
+                                    k_cache, v_cache, pos)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+    y, new_k, new_v = decode_attention.append_and_attend_qkv(
+        jnp.asarray(qkv), jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
+        jnp.int32(pos), rotary=(jnp.asarray(cos), jnp.asarray(sin)), rms=(jnp.asarray(x), eps),
+        dtype=dtype)
+    assert y.dtype == dtype and new_k.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(new_k, np.float32)[:, :, pos], keys[:, :, pos],
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(new_v, np.float32)[:, :, pos], values[:, :, pos],
+                               rtol=tol, atol=tol)
+  with pytest.raises(ValueError, match="rms rows"):
+    decode_attention.append_and_attend_qkv(jnp.asarray(qkv), jnp.asarray(k_cache),
+                                           jnp.asarray(v_cache), jnp.int32(pos),
+                                           rms=(jnp.asarray(x[:2]), eps))

@@ -37,3 +37,21 @@ def test_errors():
   assert rms_norm.fits(1024) and not rms_norm.fits(768)
   with pytest.raises(ValueError, match="scale must be"):
     rms_norm.rms_norm(jnp.zeros((2, 8)), jnp.ones((4,)), 1e-5)
+
+
+def test_rms_scaled_swiglu_against_closed_form():
+  """gate_up of the un-normalised rows (float32), scaled by each row's rsqrt(mean(x^2) + eps),
+  rounded to the dtype, then silu(gate) * up: in float64 from the definition; F = 44 is not a
+  power of two (one masked block)."""
+  rng = np.random.default_rng(3)
+  gate_up = (rng.normal(size=(4, 2, 44)) * 5).astype(np.float32)
+  x = (rng.normal(size=(4, 32)) * rng.uniform(0.3, 5, (4, 1))).astype(np.float32)
+  r = 1 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+  gate, up = gate_up[:, 0] * r, gate_up[:, 1] * r
+  want = gate / (1 + np.exp(-gate)) * up
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    got = rms_norm.rms_scaled_swiglu(jnp.asarray(gate_up), jnp.asarray(x), 1e-5, dtype)
+    assert got.shape == (4, 44) and got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+  with pytest.raises(ValueError, match="gate_up must be"):
+    rms_norm.rms_scaled_swiglu(jnp.asarray(gate_up[:, :1]), jnp.asarray(x), 1e-5, jnp.float32)

@@ -501,8 +501,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   """Images per second of AR sampling with a randomly initialised model of config.model's size:
   rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
-  sampling.DECODE_KERNELS) and decoding step of config.bench.decode_step (default: the model's
-  decode_step)."""
+  sampling.DECODE_KERNELS), decoding step of config.bench.decode_step (default: the model's
+  decode_step) and way of drawing of config.bench.draw (default: "xla")."""
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -517,22 +517,22 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   labels = jnp.arange(b) % config.data.num_classes
   rows = []
   decode_steps = config.bench.get("decode_step", (model.decode_step,))
-  for cfg, step, kernels in itertools.product(
+  for cfg, step, kernels, draw in itertools.product(
       dict.fromkeys((config.sampling.cfg_scale, None)), decode_steps,
-      config.bench.get("decode_kernels", DECODE_KERNELS)):
+      config.bench.get("decode_kernels", DECODE_KERNELS), config.bench.get("draw", ("xla",))):
     decoder = model.clone(decode_step=step)
     run = lambda seed: sample(decoder, params, labels, num_image_tokens=num_tokens,
                               num_classes=config.data.num_classes,
                               codebook_size=config.bench.codebook_size,
                               rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
                               top_k=config.sampling.top_k, top_p=config.sampling.top_p,
-                              decode_kernels=kernels)
+                              decode_kernels=kernels, draw=draw)
     compile_s, seconds = _time_calls(run, steps)
     rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
                  "precision": config.precision, "batch": b, "tokens": num_tokens,
                  "cfg": cfg or "off", "top_k": config.sampling.top_k,
                  "top_p": config.sampling.top_p, "kernels": kernels,
-                 "decode_step": decoder.decode_step_path(),
+                 "decode_step": decoder.decode_step_path(), "draw": draw,
                  "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
                  "images/s": f"{b / seconds:.0f}"})
   return rows

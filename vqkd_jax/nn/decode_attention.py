@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from vqkd_jax.nn import rms_norm as rms_norm_lib
+
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 MAX_BLOCK = 64      # cache positions per block
 NUM_WARPS = 4       # of a Triton program
@@ -65,32 +67,41 @@ def _block(length: int) -> int:
   return 1 << (min(length, MAX_BLOCK).bit_length() - 1)
 
 
-def _kernel(pos_ref, *refs, block: int, length: int, scale: float, pairs: int):
+def _kernel(pos_ref, *refs, block: int, length: int, scale: float, pairs: int,
+            rms_epsilon: float | None, dtype):
   """One (row, head): q / k / v refs [hd]; caches [S, hd] (the inputs aliased to the outputs);
-  with `pairs`, cos / sin refs [pairs, hd / (2 pairs)] first.
+  with `pairs`, cos / sin refs [pairs, hd / (2 pairs)] first; with `rms_epsilon`, then the row's
+  un-normalised input x [D].
 
-  A head vector is handled as n = 2 pairs pieces of hd / n (n = 1 without rotary): the rotary turns
-  piece 2p with piece 2p + 1 by (cos[p], sin[p]) in float32, then rounds to the input dtype (as
-  `proposal.ar.rotary` does), and the scores are sums over the pieces: no in-kernel concatenation
-  or gather. Values are read whole."""
+  With x, q / k / v are first scaled by its rsqrt(mean(x^2) + epsilon) in float32 and rounded to
+  `dtype`. A head vector is handled as n = 2 pairs pieces of hd / n (n = 1 without rotary): the
+  rotary turns piece 2p with piece 2p + 1 by (cos[p], sin[p]) in float32, then rounds to `dtype`
+  (as `proposal.ar.rotary` does), and the scores are sums over the pieces: no in-kernel
+  concatenation or gather. Values are read whole."""
   if pairs:
     cos_ref, sin_ref, *refs = refs
+  if rms_epsilon is not None:
+    x_ref, *refs = refs
   q_ref, k_ref, v_ref, k_cache_in, v_cache_in, o_ref, k_cache, v_cache = refs
   pos = pos_ref[0]
   hd = q_ref.shape[-1]
   n = 2 * pairs if pairs else 1
   c = hd // n
-  piece = lambda ref, i: ref[pl.ds(i * c, c)]
-  qs = [piece(q_ref, i) for i in range(n)]
-  ks = [piece(k_ref, i) for i in range(n)]
+  if rms_epsilon is None:
+    load = lambda ref, cols: ref[cols].astype(dtype)
+  else:
+    inv = rms_norm_lib.inverse_rms(x_ref[...], rms_epsilon)
+    load = lambda ref, cols: (ref[cols].astype(jnp.float32) * inv).astype(dtype)
+  qs = [load(q_ref, pl.ds(i * c, c)) for i in range(n)]
+  ks = [load(k_ref, pl.ds(i * c, c)) for i in range(n)]
   for p in range(pairs):
     cos, sin = cos_ref[p, :], sin_ref[p, :]
     for xs in (qs, ks):
       a, b = xs[2 * p].astype(jnp.float32), xs[2 * p + 1].astype(jnp.float32)
-      xs[2 * p] = (a * cos - b * sin).astype(q_ref.dtype)
-      xs[2 * p + 1] = (b * cos + a * sin).astype(q_ref.dtype)
-  qs = [(x * jnp.asarray(scale, q_ref.dtype)).astype(jnp.float32) for x in qs]
-  v_new = v_ref[...]
+      xs[2 * p] = (a * cos - b * sin).astype(dtype)
+      xs[2 * p + 1] = (b * cos + a * sin).astype(dtype)
+  qs = [(x * jnp.asarray(scale, dtype)).astype(jnp.float32) for x in qs]
+  v_new = load(v_ref, slice(None))
   for i in range(n):
     k_cache[pl.ds(pos, 1), pl.ds(i * c, c)] = ks[i][None].astype(k_cache.dtype)
   v_cache[pl.ds(pos, 1), :] = v_new[None].astype(v_cache.dtype)
@@ -142,18 +153,30 @@ def append_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arr
 
 
 def append_and_attend_qkv(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                          position: jax.Array, rotary=None):
+                          position: jax.Array, rotary=None, rms=None, dtype=None):
   """`append_and_attend` of the stacked projections qkv [B, 3, H, hd] (q, k, v on axis 1), read
-  in place by the kernel (no slices copied out first)."""
+  in place by the kernel (no slices copied out first).
+
+  rms: None, or (x [B, D], epsilon) when qkv is the projection of the un-normalised rows x by a
+  kernel with an RMSNorm's scale folded in (`proposal.ar.fuse_for_decoding(fold_norms=True)`):
+  q / k / v are then scaled by each row's rsqrt(mean(x^2) + epsilon) in the kernel, which is
+  RMSNorm then the projection, reordered. qkv is best float32 (the GEMM's accumulator), rounded
+  to `dtype` (default qkv's; the output's) after the scaling, where the unfolded step rounds its
+  projection."""
   if qkv.ndim != 4 or qkv.shape[1] != 3:
     raise ValueError(f"qkv must be [B, 3, H, hd], got {qkv.shape}")
   maps = tuple((lambda i, j, t=t: (i, t, j, 0)) for t in range(3))
   b, _, h, hd = qkv.shape
-  return _append_and_attend((qkv,) * 3, maps, (b, h, hd), k_cache, v_cache, position, rotary)
+  if rms is not None and (rms[0].ndim != 2 or rms[0].shape[0] != b):
+    raise ValueError(f"the rms rows x must be [{b}, D], got {rms[0].shape}")
+  return _append_and_attend((qkv,) * 3, maps, (b, h, hd), k_cache, v_cache, position, rotary,
+                            rms, dtype)
 
 
-def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary):
+def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary, rms=None,
+                       dtype=None):
   b, h, hd = qshape
+  dtype = jnp.dtype(dtype or srcs[0].dtype)
   length = k_cache.shape[2]
   if k_cache.shape != (b, h, length, hd) or v_cache.shape != k_cache.shape:
     raise ValueError(f"caches must be [{b}, {h}, S, {hd}], got {k_cache.shape}, {v_cache.shape}")
@@ -167,6 +190,9 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary):
                        f"{sin.shape}")
     extra = (cos.astype(jnp.float32), sin.astype(jnp.float32))
     extra_specs = [pl.BlockSpec(cos.shape, lambda i, j: (0, 0))] * 2
+  if rms is not None:
+    extra = (*extra, rms[0])
+    extra_specs = [*extra_specs, pl.BlockSpec((None, rms[0].shape[1]), lambda i, j: (i, 0))]
   block = _block(length)
   vec = lambda m: pl.BlockSpec((None,) * (len(srcs[0].shape) - 1) + (hd,), m)
   row = pl.BlockSpec((None, None, hd), lambda i, j: (i, j, 0))
@@ -179,8 +205,9 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary):
     params = dict(interpret=True)
   n_in = 1 + len(extra) + 3
   return pl.pallas_call(
-      functools.partial(_kernel, block=block, length=length, scale=hd ** -0.5, pairs=pairs),
-      out_shape=(jax.ShapeDtypeStruct(qshape, srcs[0].dtype),
+      functools.partial(_kernel, block=block, length=length, scale=hd ** -0.5, pairs=pairs,
+                        rms_epsilon=None if rms is None else float(rms[1]), dtype=dtype),
+      out_shape=(jax.ShapeDtypeStruct(qshape, dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       grid=(b, h),

@@ -13,6 +13,7 @@ two, as Triton's blocks need); elsewhere it runs in Pallas' interpret mode (for 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 NUM_WARPS = 4
+MAX_BLOCK = 4096    # columns of one block of rms_scaled_swiglu
 
 
 def fits(features: int) -> bool:
@@ -29,10 +31,16 @@ def fits(features: int) -> bool:
   return features > 0 and features & (features - 1) == 0
 
 
+def inverse_rms(x: jax.Array, epsilon: float) -> jax.Array:
+  """rsqrt(mean(x^2) + epsilon) of one row x [D] in float32, inside a kernel (this module's and
+  nn/decode_attention's)."""
+  x = x.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(x * x) + epsilon)
+
+
 def _kernel(x_ref, scale_ref, o_ref, *, epsilon: float):
   x = x_ref[...].astype(jnp.float32)
-  mean_square = jnp.mean(x * x)
-  o_ref[...] = (x * (jax.lax.rsqrt(mean_square + epsilon) *
+  o_ref[...] = (x * (inverse_rms(x, epsilon) *
                      scale_ref[...].astype(jnp.float32))).astype(o_ref.dtype)
 
 
@@ -72,3 +80,52 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", self.scale_init, (x.shape[-1],), jnp.float32)
     return rms_norm(x, scale, self.epsilon, self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RMSNorm folded into the next kernel's weights.
+
+def _swiglu_kernel(gate_ref, up_ref, x_ref, o_ref, *, epsilon: float, dtype):
+  """One row: gate, up [F] (of the GEMM of the un-normalised x), x [D]. F need not be a power of
+  two: the row is covered by two blocks of the largest power of two <= F (at most MAX_BLOCK),
+  the last moved back to end at F; the overlap is computed and written twice, with the same
+  values, and no access leaves the row."""
+  f = o_ref.shape[-1]
+  block = min(1 << (f.bit_length() - 1), MAX_BLOCK)
+  inv = inverse_rms(x_ref[...], epsilon)
+  for start in sorted({*range(0, f - block, block), f - block}):
+    cols = pl.ds(start, block)
+    gate, up = ((ref[cols].astype(jnp.float32) * inv).astype(dtype).astype(jnp.float32)
+                for ref in (gate_ref, up_ref))
+    o_ref[cols] = (gate * jax.nn.sigmoid(gate) * up).astype(o_ref.dtype)
+
+
+def rms_scaled_swiglu(gate_up: jax.Array, x: jax.Array, epsilon: float, dtype) -> jax.Array:
+  """Llama's MLP activation after an RMSNorm folded into the gate / up kernel.
+
+  With the norm's scale multiplied into the kernel W' = scale[:, None] * W, the GEMM of the
+  un-normalised rows gives x W' = RMSNorm(x) W / r for each row's r = rsqrt(mean(x^2) + epsilon).
+  This kernel scales gate_up [B, 2, F] (float32: the GEMM's accumulator, not rounded) by r of
+  x [B, D] and rounds gate and up to `dtype`, where the unfolded block rounds its GEMM's output,
+  then gives silu(gate) * up [B, F] in `dtype`: the norm's kernel and the activation's fusion in
+  one kernel. Equal within rounding to RMSNorm, the GEMM and the activation (another order of
+  the same products; tests/test_rms_norm.py against a float64 closed form)."""
+  b, two, f = gate_up.shape
+  if two != 2 or x.ndim != 2 or x.shape[0] != b:
+    raise ValueError(f"gate_up must be [B, 2, F] and x [B, D], got {gate_up.shape}, {x.shape}")
+  on_gpu = jax.default_backend() == "gpu"
+  if on_gpu and not fits(x.shape[1]):
+    raise ValueError(f"the Pallas RMSNorm needs a power-of-two feature count, got {x.shape[1]}")
+  if on_gpu:
+    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
+  else:
+    params = dict(interpret=True)
+  return pl.pallas_call(
+      functools.partial(_swiglu_kernel, epsilon=float(epsilon), dtype=jnp.dtype(dtype)),
+      out_shape=jax.ShapeDtypeStruct((b, f), dtype),
+      grid=(b,),
+      in_specs=[pl.BlockSpec((None, None, f), lambda i: (i, 0, 0)),
+                pl.BlockSpec((None, None, f), lambda i: (i, 1, 0)),
+                pl.BlockSpec((None, x.shape[1]), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((None, f), lambda i: (i, 0)),
+      name="rms_scaled_swiglu", **params)(gate_up, gate_up, x)

@@ -130,7 +130,7 @@ DECODE = "decode"   # the variable collection of `fuse_for_decoding`'s kernels
 HEAD_MULTIPLE = 128   # output columns of `fuse_for_decoding`'s head kernel
 
 
-def fuse_for_decoding(variables) -> dict:
+def fuse_for_decoding(variables, fold_norms: bool = False) -> dict:
   """Variables for a decoding loop: each block's query / key / value kernels stacked into one
   `qkv` [D, 3, heads, hd] (biases `qkv_bias` [3, heads, hd]) and, in Llama, gate / up into one
   `gate_up` [D, 2, F], in the collection DECODE; the originals are left out of `params`. The
@@ -142,8 +142,17 @@ def fuse_for_decoding(variables) -> dict:
   weight to a multiple of 8 columns at every step (18.8 MB copied per step, 13 us on an H100,
   for V = 9,193). Each output column is the same dot product as before (equal values in the
   CPU float32 tests; a GPU's GEMM may accumulate in another order). Called inside the jitted
-  sampler on its cast copy of the parameters; the parameter tree of the model (and its
-  checkpoints) stays as it is."""
+  sampler on its copy of the parameters; the parameter tree of the model (and its checkpoints)
+  stays as it is.
+
+  fold_norms (Llama): each block's RMSNorm scales multiplied into the kernels that read the
+  norms' output, norm1's into `qkv_rms` and norm2's into `gate_up_rms` (in place of `qkv` and
+  `gate_up`; the norms' parameters left out). A block then feeds its un-normalised rows to those
+  GEMMs and scales their outputs by each row's rsqrt(mean(x^2) + epsilon): in the Pallas
+  decoding step inside nn/decode_attention's and nn/rms_norm.rms_scaled_swiglu's kernels, so
+  that the two RMSNorm kernels of a step's block are gone; elsewhere (a prefill, XLA's ops) by an
+  RMSNorm without scale before the GEMMs. RMSNorm then a projection, reordered: equal within
+  rounding (products with the scale rounded once, in the weights)."""
   params = dict(variables["params"])
   fused = {}
   if "head" in params:
@@ -163,15 +172,26 @@ def fuse_for_decoding(variables) -> dict:
     if "gate" in block and "bias" not in block["gate"]:
       entry["gate_up"] = jnp.stack([block.pop("gate")["kernel"], block.pop("up")["kernel"]],
                                    axis=1)
+      if fold_norms:
+        scale = lambda norm: block.pop(norm)["scale"]
+        entry["attn"] = {"qkv_rms": entry["attn"].pop("qkv") * scale("norm1")[:, None, None, None]}
+        entry["gate_up_rms"] = entry.pop("gate_up") * scale("norm2")[:, None, None]
     params[name], fused[name] = block, entry
   return {**variables, "params": params, DECODE: fused}
 
 
-def _fused_dense(x, kernel, bias, dtype):
-  """x [..., D] @ kernel [D, ...] (+ bias) as flax's Dense / DenseGeneral compute it."""
+def _fused_dense(x, kernel, bias, dtype, out_dtype=None):
+  """x [..., D] @ kernel [D, ...] (+ bias) as flax's Dense / DenseGeneral compute it (operands in
+  `dtype`; the result in out_dtype, default dtype)."""
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
-  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=out_dtype)
   return y if bias is None else y + jnp.asarray(bias, dtype)
+
+
+def _unscaled_rms_norm(x, eps: float, dtype):
+  """RMSNorm without its scale (folded into the next kernel by fuse_for_decoding)."""
+  return nn.RMSNorm(epsilon=eps, dtype=dtype, use_scale=False)(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,23 +293,41 @@ class CausalSelfAttention(nn.Module):
   implementation: str = "auto"
   dtype: Dtype = jnp.float32
   decode_step: str = "auto"
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, positions, cache=None, train: bool = False):
     d = x.shape[-1]
     hd = d // self.num_heads
-    if self.has_variable(DECODE, "qkv"):
+    if self.has_variable(DECODE, "qkv_rms"):
+      # fuse_for_decoding(fold_norms=True): x is the block's un-normalised input and the kernel has
+      # the RMSNorm's scale (epsilon norm_eps) folded in.
+      kernel = self.get_variable(DECODE, "qkv_rms")
+      if _pallas_step(self.decode_step, cache, x.shape[1], d, self.num_heads) and \
+          rms_norm_lib.fits(d):
+        # the projection's float32 rows scaled by the norm in the attention kernel
+        qkv = _fused_dense(x, kernel, None, self.dtype, out_dtype=jnp.float32)
+        y, ck, cv = decode_attention_lib.append_and_attend_qkv(
+            qkv[:, 0], *cache, positions[0], self._rotary_table(positions[:1], hd),
+            rms=(x[:, 0], self.norm_eps), dtype=self.dtype)
+        return self._out(y[:, None], d), (ck, cv)
+      qkv = _fused_dense(_unscaled_rms_norm(x, self.norm_eps, self.dtype), kernel, None,
+                         self.dtype)                                    # [B, T, 3, H, hd]
+    elif self.has_variable(DECODE, "qkv"):
       # Decoding with `fuse_for_decoding`'s kernels: one [D, 3D] projection; the rotary turns the
       # queries and keys as one [B, T, 2H, hd] array.
       qkv = _fused_dense(x, self.get_variable(DECODE, "qkv"),
                          self.get_variable(DECODE, "qkv_bias") if self.use_bias else None,
                          self.dtype)                                    # [B, T, 3, H, hd]
-      b, t = qkv.shape[:2]
-      if _pallas_step(self.decode_step, cache, t, d, self.num_heads):
+      if _pallas_step(self.decode_step, cache, x.shape[1], d, self.num_heads):
         # the rotary, the cache write and the attention in one kernel
         y, ck, cv = decode_attention_lib.append_and_attend_qkv(
             qkv[:, 0], *cache, positions[0], self._rotary_table(positions[:1], hd))
         return self._out(y[:, None], d), (ck, cv)
+    else:
+      qkv = None
+    if qkv is not None:
+      b, t = qkv.shape[:2]
       qk, v = qkv[:, :, :2].reshape(b, t, 2 * self.num_heads, hd), qkv[:, :, 2]
       qk = self._rotate(qk, positions, pairs=True)
       q, k = qk[:, :, :self.num_heads], qk[:, :, self.num_heads:]
@@ -395,12 +433,14 @@ class DecoderBlock(nn.Module):
     pallas_norm = _pallas_step(self.decode_step, cache, x.shape[1], x.shape[-1],
                                self.num_heads) and rms_norm_lib.fits(x.shape[-1])
     norm = lambda name: _norm(self.flavour, name, self.dtype, self.norm_eps, pallas_norm)
+    # fuse_for_decoding(fold_norms=True): norm1 / norm2 are applied by the kernels that follow them
+    folded = self.has_variable(DECODE, "gate_up_rms")
     h, self_cache = CausalSelfAttention(
         self.num_heads, use_bias=bias, rope=self.rope if llama else None,
         rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
         dropout=self.dropout, implementation=self.attention, dtype=self.dtype,
-        decode_step=self.decode_step, name="attn")(
-            norm("norm1")(x), positions,
+        decode_step=self.decode_step, norm_eps=self.norm_eps, name="attn")(
+            x if folded else norm("norm1")(x), positions,
             None if cache is None else cache[:2], train)
     x = x + drop(h)
     new_cache = self_cache
@@ -415,16 +455,27 @@ class DecoderBlock(nn.Module):
       if cache is not None:        # the context's keys / values: kept, or written once
         new_cache = (*self_cache, *(cached_kv or (ck.astype(cache[2].dtype),
                                                   cv.astype(cache[3].dtype))))
-    h = norm("norm2")(x)
-    if llama and self.has_variable(DECODE, "gate_up"):   # fuse_for_decoding's [D, 2F] kernel
-      gate_up = _fused_dense(h, self.get_variable(DECODE, "gate_up"), None, self.dtype)
-      h = _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(
-          nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+    down = lambda h: _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(h)
+    if folded and pallas_norm:   # the norm, the activation and their roundings in one kernel
+      gate_up = _fused_dense(x, self.get_variable(DECODE, "gate_up_rms"), None, self.dtype,
+                             out_dtype=jnp.float32)
+      h = down(rms_norm_lib.rms_scaled_swiglu(gate_up[:, 0], x[:, 0], self.norm_eps,
+                                              self.dtype)[:, None])
+    elif folded:
+      gate_up = _fused_dense(_unscaled_rms_norm(x, self.norm_eps, self.dtype),
+                             self.get_variable(DECODE, "gate_up_rms"), None, self.dtype)
+      h = down(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+    elif llama and self.has_variable(DECODE, "gate_up"):   # fuse_for_decoding's [D, 2F] kernel
+      gate_up = _fused_dense(norm("norm2")(x), self.get_variable(DECODE, "gate_up"), None,
+                             self.dtype)
+      h = down(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
     elif llama:
+      h = norm("norm2")(x)
       gate = _dense(self.mlp_dim, ("embed", "mlp"), "gate", bias, self.dtype)(h)
       up = _dense(self.mlp_dim, ("embed", "mlp"), "up", bias, self.dtype)(h)
-      h = _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(nn.silu(gate) * up)
+      h = down(nn.silu(gate) * up)
     else:
+      h = norm("norm2")(x)
       h = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), "fc1", bias, self.dtype)(h),
                   approximate=True)
       h = _dense(x.shape[-1], ("mlp", "embed"), "fc2", bias, self.dtype, std)(h)
@@ -458,8 +509,10 @@ class ARTransformer(nn.Module):
       attention as einsums over the whole cache, masked), "pallas" (Pallas kernels: the attention
       of nn/decode_attention.py, which turns q / k by the rotary, writes the step's key / value
       and reads only the filled cache; Llama's RMSNorms as nn/rms_norm.py's kernel where the width
-      is a power of two) or "auto" (pallas on GPU with a power-of-two head dim, xla elsewhere;
-      the kernels run in Pallas' interpret mode off GPUs). `decode_step_path()` says which.
+      is a power of two; with fuse_for_decoding(fold_norms=True)'s kernels, the norms inside the
+      attention kernel and nn/rms_norm.rms_scaled_swiglu instead) or "auto" (pallas on GPU with
+      a power-of-two head dim, xla elsewhere; the kernels run in Pallas' interpret mode off
+      GPUs). `decode_step_path()` says which.
     remat: recompute each block's activations in the backward pass (memory for large batches).
     cross_attention: every block cross-attends to a `context` [B, L, width] (e.g. projected text
       states) after its self-attention; padded context tokens (context_mask False) get no weight.

@@ -2,8 +2,9 @@
 
 Per step: logits of the image-token slice [C + 1, C + 1 + K); classifier-free guidance on logits
 (rows [cond; uncond], uncond + scale * (cond - uncond)); temperature; top-k; top-p (nucleus, as
-transformers' top_k_top_p_filtering); a categorical draw (temperature 0: argmax). The drawn token is
-appended to both halves of the doubled batch.
+transformers' top_k_top_p_filtering); a categorical draw (temperature 0: argmax), or the filters
+and the draw as one kernel on the same noise (`draw="pallas"`, nn/filtered_draw.py). The drawn
+token is appended to both halves of the doubled batch.
 
 `sample` is one jitted program of `lax.fori_loop`s with a KV cache ([B, heads, S, head_dim], the
 float parameters cast to the computation dtype once, optionally each block's q / k / v and gate /
@@ -33,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.nn import filtered_draw as filtered_draw_lib
+from vqkd_jax.nn import rms_norm as rms_norm_lib
 from vqkd_jax.parallel import xla_options
 from vqkd_jax.proposal import ar as ar_lib
 
@@ -107,12 +110,22 @@ def guided_logits(logits: jax.Array, batch: int, cfg_scale: float | None) -> jax
 
 
 def draw(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int | None,
-         top_p: float | None) -> jax.Array:
+         top_p: float | None, path: str = "xla") -> jax.Array:
   """One token per row of logits [B, V] with per-row keys [B]: temperature, top-k, top-p, then a
-  categorical draw (temperature 0: argmax). int32 [B]."""
+  categorical draw (temperature 0: argmax). int32 [B].
+
+  path "xla": the filters of top_k_top_p_filter, then jax.random.categorical; "pallas": the same
+  Gumbel noise (jax.random.gumbel of each row's key, as categorical draws it) and
+  nn/filtered_draw.py's kernel, which finds both thresholds without sorting (the same token,
+  except where a token's preceding mass is within rounding of top_p; sampling.DRAWS)."""
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = top_k_top_p_filter(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  logits = logits.astype(jnp.float32) / temperature
+  if path == "pallas":
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
+    return filtered_draw_lib.filtered_draw(logits, noise, int(top_k or 0),
+                                           1.0 if top_p is None else float(top_p))
+  logits = top_k_top_p_filter(logits, top_k, top_p)
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
@@ -149,11 +162,11 @@ def _step_keys(example_keys, step):
 
 
 def _choose(logits, b, example_keys, step, lo, codebook_size, cfg_scale, temperature, top_k,
-            top_p):
+            top_p, draw_path="xla"):
   """Logits of the rows (cond; uncond) at one position [rows, V] -> image codes [b] in [0, K)."""
   image = logits[:, lo:lo + codebook_size]
   return draw(guided_logits(image, b, cfg_scale), _step_keys(example_keys, step), temperature,
-              top_k, top_p)
+              top_k, top_p, draw_path)
 
 
 def default_cache_segments(num_image_tokens: int, attention_path: str = "xla") -> int:
@@ -188,23 +201,26 @@ def _segmented_fori_loop(lo, hi, body, carry, *, cache_length, segments):
   return carry
 
 
-def _decoding_variables(variables, dtype, fuse: bool):
-  """The sampler's copy of the variables: floats cast once, the kernels fused for decoding if
-  `fuse`."""
-  variables = cast_floats(variables, dtype)
+def _decoding_variables(model, variables, fuse: bool, fold_norms: bool):
+  """The sampler's copy of the variables: the kernels fused for decoding if `fuse` (in float32;
+  with `fold_norms`, a Llama's RMSNorm scales folded in where its steps run the Pallas kernels),
+  then the floats cast to the model's dtype once."""
   if fuse:
-    variables = ar_lib.fuse_for_decoding(variables)
-  return variables
+    fold = (fold_norms and model.flavour == "llama" and model.decode_step_path() == "pallas"
+            and rms_norm_lib.fits(model.width))
+    variables = ar_lib.fuse_for_decoding(variables, fold_norms=fold)
+  return cast_floats(variables, model.dtype)
 
 
 _CACHED_STATIC = ("model", "num_image_tokens", "num_classes", "codebook_size", "cfg_scale",
-                  "temperature", "top_k", "top_p", "cache_segments", "fuse")
+                  "temperature", "top_k", "top_p", "cache_segments", "fuse", "fold_norms",
+                  "draw_path")
 
 
 def _sample_cached_impl(model, variables, labels, rng, example_offset, *, num_image_tokens,
                         num_classes, codebook_size, cfg_scale, temperature, top_k, top_p,
-                        cache_segments, fuse):
-  variables = _decoding_variables(variables, model.dtype, fuse)
+                        cache_segments, fuse, fold_norms, draw_path):
+  variables = _decoding_variables(model, variables, fuse, fold_norms)
   b = labels.shape[0]
   first = _first_tokens(labels, num_classes, uses_cfg(cfg_scale))
   lo = ar_lib.image_token_offset(num_classes)
@@ -217,7 +233,7 @@ def _sample_cached_impl(model, variables, labels, rng, example_offset, *, num_im
     cache, inp, out = carry
     logits, cache = model.apply(variables, inp[:, None], positions=i[None], cache=cache)
     tok = _choose(logits[:, 0], b, keys, i, lo, codebook_size, cfg_scale, temperature, top_k,
-                  top_p)
+                  top_p, draw_path)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
     nxt = tok + lo
     return cache, (jnp.concatenate([nxt, nxt]) if uses_cfg(cfg_scale) else nxt), out
@@ -241,15 +257,27 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75 / without)
 # with the Pallas decoding step (model.decode_step): separate 137 / 188, fused 145 / 205,
 # fused_cublas 167 / 212, the default; with XLA's ops (the einsum attention in 4 cache segments)
-# 123 / 184, 125 / 186, 142 / 181.
-DECODE_KERNELS = ("separate", "fused", "fused_cublas")
+# 123 / 184, 125 / 186, 142 / 181. "folded" is fused_cublas with a Llama's RMSNorm scales folded
+# into the kernels after them where the steps run the Pallas kernels (ar.fuse_for_decoding
+# (fold_norms=True)): a block's two RMSNorm kernels and its SwiGLU fusion become one kernel. It is
+# tested on the CPU (Pallas interpret mode) and not yet compiled by Triton or measured on a GPU,
+# so it is not the default.
+DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
+# How a step draws its token (`sample(draw=...)`): "xla", top_k_top_p_filter's sort and
+# jax.random.categorical; "pallas", nn/filtered_draw.py's kernel on the same Gumbel noise (the same
+# tokens; tested on the CPU, not yet compiled by Triton or measured on a GPU).
+DRAWS = ("xla", "pallas")
 
 
-def _sample_cached(*args, decode_kernels, **kwargs):
+def _sample_cached(*args, decode_kernels, draw, **kwargs):
   if decode_kernels not in DECODE_KERNELS:
     raise ValueError(f"decode_kernels must be one of {DECODE_KERNELS}, got {decode_kernels!r}")
-  run = _sample_cached_cublas if decode_kernels == "fused_cublas" else _sample_cached_plain
-  return run(*args, fuse=decode_kernels != "separate", **kwargs)
+  if draw not in DRAWS:
+    raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
+  cublas = decode_kernels in ("fused_cublas", "folded")
+  run = _sample_cached_cublas if cublas else _sample_cached_plain
+  return run(*args, fuse=decode_kernels != "separate", fold_norms=decode_kernels == "folded",
+             draw_path=draw, **kwargs)
 
 
 def _static_args(cfg_scale, temperature, top_k, top_p, codebook_size):
@@ -266,7 +294,8 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
            num_classes: int, codebook_size: int, rng: jax.Array,
            cfg_scale: float | None = 1.75, temperature: float = 1.0, top_k: int | None = 600,
            top_p: float | None = 0.92, example_offset: int = 0,
-           cache_segments: int | None = None, decode_kernels: str = "fused_cublas") -> jax.Array:
+           cache_segments: int | None = None, decode_kernels: str = "fused_cublas",
+           draw: str = "xla") -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) for class labels [B].
 
   params: the model's `params` collection (or its full variables dict). cfg_scale None or 1 turns
@@ -276,7 +305,8 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
   cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
   None: default_cache_segments, 1 with model.decode_step's Pallas kernel, which reads only
-  the filled cache anyway). decode_kernels: one of DECODE_KERNELS (the same tokens).
+  the filled cache anyway). decode_kernels: one of DECODE_KERNELS (the same tokens; "folded"
+  within rounding). draw: one of DRAWS (the same tokens).
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
@@ -285,7 +315,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
                         num_classes=num_classes, codebook_size=codebook_size,
                         cache_segments=int(cache_segments or default_cache_segments(
                             num_image_tokens, model.decode_step_path())),
-                        decode_kernels=decode_kernels,
+                        decode_kernels=decode_kernels, draw=draw,
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
 
