@@ -1,6 +1,7 @@
 """The AR proposal network under the dp, fsdp and fsdp_tp strategies on 8 simulated CPU devices: training
 computes the same function as on one device (losses and parameters), and sampled tokens depend on
-the seed, not on the number of devices or on how the batch is split over them."""
+the seed, not on the number of devices or on how the batch is split over them (a batch split over
+devices is sampled on each device's rows)."""
 
 import os
 import subprocess
@@ -26,6 +27,7 @@ def test_ar_strategies_match_one_device_and_samples_ignore_the_device_count(tmp_
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
       from vqkd_jax.config import load_config
+      from vqkd_jax.proposal import sampling
       from vqkd_jax.proposal.sampling import sample
       from vqkd_jax.train import ar as ar_stage
       from vqkd_jax.train import loop
@@ -60,9 +62,15 @@ def test_ar_strategies_match_one_device_and_samples_ignore_the_device_count(tmp_
       results["tokens/1"] = np.asarray(sample(model, jax.device_put(params, one[0]),
                                               jax.device_put(labels, one[0]), **kw))
       mesh8 = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+      split = jax.device_put(labels, NamedSharding(mesh8, P("data")))
+      assert sampling.batch_split(split)[1] == "data" and sampling.batch_split(labels) is None
       results["tokens/8"] = np.asarray(sample(
-          model, jax.device_put(params, NamedSharding(mesh8, P())),
-          jax.device_put(labels, NamedSharding(mesh8, P("data"))), **kw))
+          model, jax.device_put(params, NamedSharding(mesh8, P())), split, **kw))
+      # Each device's rows through the Pallas step kernels (interpret mode here), the norms folded
+      # and the filtered draw: kernels XLA cannot partition, run on the local rows only.
+      results["tokens/8_pallas"] = np.asarray(sample(
+          model.clone(decode_step="pallas"), params, split, decode_kernels="folded",
+          draw="pallas", **kw))
       # Half the labels as their own batch (example_offset keeps each sample's stream).
       results["tokens/half"] = np.asarray(sample(model, params, labels[8:], example_offset=8,
                                                  **kw))
@@ -77,5 +85,6 @@ def test_ar_strategies_match_one_device_and_samples_ignore_the_device_count(tmp_
       np.testing.assert_allclose(res[f"{strategy}/{key}"], ref, rtol=2e-4, atol=2e-5,
                                  err_msg=f"{strategy} {key}")
   np.testing.assert_array_equal(res["tokens/8"], res["tokens/1"])
+  np.testing.assert_array_equal(res["tokens/8_pallas"], res["tokens/1"])
   np.testing.assert_array_equal(res["tokens/half"], res["tokens/1"][8:])
   assert len(np.unique(res["tokens/1"])) > 5   # not a degenerate constant sample

@@ -30,9 +30,11 @@ sample depends on the seed and its index only, not on the batch it was drawn in 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqkd_jax.nn import filtered_draw as filtered_draw_lib
 from vqkd_jax.nn import rms_norm as rms_norm_lib
@@ -214,34 +216,56 @@ def _decoding_variables(model, variables, fuse: bool, fold_norms: bool):
 
 _CACHED_STATIC = ("model", "num_image_tokens", "num_classes", "codebook_size", "cfg_scale",
                   "temperature", "top_k", "top_p", "cache_segments", "fuse", "fold_norms",
-                  "draw_path")
+                  "draw_path", "batch_split")
 
 
 def _sample_cached_impl(model, variables, labels, rng, example_offset, *, num_image_tokens,
                         num_classes, codebook_size, cfg_scale, temperature, top_k, top_p,
-                        cache_segments, fuse, fold_norms, draw_path):
+                        cache_segments, fuse, fold_norms, draw_path, batch_split):
   variables = _decoding_variables(model, variables, fuse, fold_norms)
-  b = labels.shape[0]
-  first = _first_tokens(labels, num_classes, uses_cfg(cfg_scale))
-  lo = ar_lib.image_token_offset(num_classes)
-  keys = _example_keys(rng, b, example_offset)
-  # Positions 0 .. N-1 are fed (class, then image tokens 0 .. N-2); the last token is never fed.
-  # Step i feeds position i: after the steps < b the cache holds b positions.
-  cache = model.init_cache(first.shape[0], length=1)
+  keys = _example_keys(rng, labels.shape[0], example_offset)
 
-  def body(i, carry):
-    cache, inp, out = carry
-    logits, cache = model.apply(variables, inp[:, None], positions=i[None], cache=cache)
-    tok = _choose(logits[:, 0], b, keys, i, lo, codebook_size, cfg_scale, temperature, top_k,
-                  top_p, draw_path)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-    nxt = tok + lo
-    return cache, (jnp.concatenate([nxt, nxt]) if uses_cfg(cfg_scale) else nxt), out
+  def decode(variables, labels, keys):
+    b = labels.shape[0]
+    first = _first_tokens(labels, num_classes, uses_cfg(cfg_scale))
+    lo = ar_lib.image_token_offset(num_classes)
+    # Positions 0 .. N-1 are fed (class, then image tokens 0 .. N-2); the last token is never
+    # fed. Step i feeds position i: after the steps < b the cache holds b positions.
+    cache = model.init_cache(first.shape[0], length=1)
 
-  out = jnp.zeros((b, num_image_tokens), jnp.int32)
-  _, _, out = _segmented_fori_loop(0, num_image_tokens, body, (cache, first, out),
-                                   cache_length=lambda end: end, segments=cache_segments)
-  return out
+    def body(i, carry):
+      cache, inp, out = carry
+      logits, cache = model.apply(variables, inp[:, None], positions=i[None], cache=cache)
+      tok = _choose(logits[:, 0], b, keys, i, lo, codebook_size, cfg_scale, temperature, top_k,
+                    top_p, draw_path)
+      out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+      nxt = tok + lo
+      return cache, (jnp.concatenate([nxt, nxt]) if uses_cfg(cfg_scale) else nxt), out
+
+    out = jnp.zeros((b, num_image_tokens), jnp.int32)
+    _, _, out = _segmented_fori_loop(0, num_image_tokens, body, (cache, first, out),
+                                     cache_length=lambda end: end, segments=cache_segments)
+    return out
+
+  if batch_split is None:
+    return decode(variables, labels, keys)
+  # Each device decodes its own rows with the whole (replicated) model: no communication in the
+  # loop, and the Pallas kernels (custom calls XLA cannot partition) see only the local rows.
+  mesh, axes = batch_split
+  return jax.shard_map(decode, mesh=mesh, in_specs=(P(), P(axes), P(axes)), out_specs=P(axes),
+                       check_vma=False)(variables, labels, keys)
+
+
+def batch_split(labels):
+  """(mesh, mesh axes) when `labels` is a jax.Array whose batch (axis 0) is split over several
+  devices of a mesh by a NamedSharding; else None. `sample` then runs its decoding loop on each
+  device's rows (shard_map): data-parallel sampling, the same tokens as on one device."""
+  sharding = getattr(labels, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+    return None
+  axes = sharding.spec[0]
+  size = math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+  return (sharding.mesh, axes) if size > 1 else None
 
 
 _sample_cached_plain = jax.jit(_sample_cached_impl, static_argnames=_CACHED_STATIC)
@@ -301,6 +325,8 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   params: the model's `params` collection (or its full variables dict). cfg_scale None or 1 turns
   guidance (and the doubled batch) off; top_k 0/None and top_p 1/None turn the filters off;
   temperature 0 is greedy. example_offset: index of labels[0] in a larger set (per-example keys).
+  Labels whose batch is split over devices by a NamedSharding (`batch_split`) are sampled on
+  each device's rows, with the parameters replicated; the tokens are the same.
   One jitted program: the float parameters cast to the model's dtype once, then fori_loops over
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
   cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
@@ -310,12 +336,13 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
+  split = batch_split(labels)
   return _sample_cached(model, as_variables(params), jnp.asarray(labels, jnp.int32), rng,
                         jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
                         num_classes=num_classes, codebook_size=codebook_size,
                         cache_segments=int(cache_segments or default_cache_segments(
                             num_image_tokens, model.decode_step_path())),
-                        decode_kernels=decode_kernels, draw=draw,
+                        decode_kernels=decode_kernels, draw=draw, batch_split=split,
                         **_static_args(cfg_scale, temperature, top_k, top_p, codebook_size))
 
 
