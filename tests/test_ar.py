@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_workdir import random_like  # tests/ is on sys.path (conftest)
 
 from vqkd_jax.proposal import ar as ar_lib
 from vqkd_jax.proposal import sampling
@@ -30,13 +31,7 @@ def _random_params(model, seed=0, scale=0.3):
   """Random weights of the model's parameter shapes (norm scales around 1), so that every weight
   (Llama's zero-initialised head included) matters and the logits are far from uniform."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-    return jnp.asarray(base + scale * rng.standard_normal(x.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(shapes["params"]))
+  return random_like(shapes["params"], seed, scale)
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

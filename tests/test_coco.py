@@ -132,15 +132,14 @@ def test_caption_tokens_and_the_stage_drawing_one_caption(prepared):
 def test_t2i_loss_on_coco_records(prepared, tmp_path):
   """make_objective with data.name "coco_captions": the captions come from the batch (drawn per
   example); a batch of CaptionTokens records resized to 32 px gives a finite loss near log K."""
-  from test_t2i import _random_clip_workdir
-  from tiny_workdir import train_tiny_cluster_tokenizer
+  from tiny_workdir import random_clip_workdir, train_tiny_cluster_tokenizer
 
   from vqkd_jax.config import load_config
   from vqkd_jax.data.augment import resize_center_crop
   from vqkd_jax.train.t2i import make_objective
 
   root, _, _ = prepared
-  _random_clip_workdir(str(tmp_path / "clip"))
+  random_clip_workdir(str(tmp_path / "clip"), scale=0.2)
   train_tiny_cluster_tokenizer(tmp_path / "tokenizer", patch_size=8, width=16, batch=64)
   c = load_config("configs/demo/t2i.py:runlocal")
   with c.unlocked():

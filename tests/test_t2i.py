@@ -5,16 +5,14 @@ against NumPy, the in-the-box text states against the tower's pooled output, the
 on a fixed batch (tests/test_t2i_conditioning.py), and the stage through the shared loop into load_t2i and CFG sampling."""
 
 import json
-import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
-from tiny_workdir import train_tiny_cluster_tokenizer  # tests/ is on sys.path (conftest)
+from tiny_workdir import (  # tests/ is on sys.path (conftest)
+    random_clip_workdir, random_like, train_tiny_cluster_tokenizer)
 from PIL import Image
 
 from vqkd_jax.proposal import sampling
@@ -30,22 +28,11 @@ def _transformer(flavour, **kw):
                        num_heads=2, flavour=flavour, **kw)
 
 
-def _random_like(tree, seed=0, scale=0.3):
-  """Random weights of the tree's shapes (norm scales around 1): every weight matters."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-    return jnp.asarray(base + scale * rng.standard_normal(x.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(tree))
-
-
 def _text_model(flavour):
   model = t2i_lib.TextConditionedAR(_transformer(flavour), TEXT_LEN)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, TEXT_LEN, TEXT_DIM)),
                           jnp.ones((1, TEXT_LEN), bool), jnp.zeros((1, NUM_TOKENS), jnp.int32))
-  return model, {"params": _random_like(shapes["params"])}
+  return model, {"params": random_like(shapes["params"])}
 
 
 @pytest.fixture(scope="module", params=FLAVOURS)
@@ -68,7 +55,7 @@ def test_prefix_of_token_embeddings_is_the_token_sequence(flavour):
   tokens: the prefix sits at positions 0 .. P-1 and the tokens follow."""
   model = _transformer(flavour)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
-  params = _random_like(shapes["params"], seed=1)
+  params = random_like(shapes["params"], seed=1)
   seq = jnp.asarray(np.random.default_rng(0).integers(0, CODEBOOK, (3, TEXT_LEN + 4)))
   full = jax.jit(model.apply)({"params": params}, seq)
   prefix = params["token_embed"]["embedding"][seq[:, :TEXT_LEN]]
@@ -201,31 +188,10 @@ def test_greedy_prefix_sampling_matches_written_out_guidance(text_model):
 
 # ------------------------------------------------------------------------------ text encoder
 
-def _random_clip_workdir(workdir):
-  """A teacher_clip stage's work directory with random weights (no training): config.json and a
-  checkpoint as the loop writes them."""
-  from vqkd_jax.config import load_config
-  from vqkd_jax.train import checkpoint as ckpt_lib
-  from vqkd_jax.train import teacher_clip
-  from vqkd_jax.train.state import TrainState
-
-  c = load_config("configs/demo/teacher_clip.py:runlocal")
-  model = teacher_clip.build_model(c.model)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
-                          jnp.zeros((1, c.model.context_length), jnp.int32))
-  params = _random_like(shapes["params"], seed=2, scale=0.2)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c.to_json_best_effort())
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  ckpt.save(1, TrainState.create({"params": params}, optax.identity(), jax.random.PRNGKey(0)))
-  ckpt.close()
-
-
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("t2i")
-  _random_clip_workdir(str(root / "clip"))
+  random_clip_workdir(str(root / "clip"), scale=0.2)
   # Batch 64: the runlocal Cluster config's own.
   train_tiny_cluster_tokenizer(root / "tokenizer", patch_size=8, width=16, batch=64)
   return {"clip": str(root / "clip"), "tokenizer": str(root / "tokenizer"), "root": root}

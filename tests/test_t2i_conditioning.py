@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_t2i import _random_like, written_out_greedy_guidance  # tests/ is on sys.path
-from tiny_workdir import random_clip_workdir, train_tiny_cluster_tokenizer
+from test_t2i import written_out_greedy_guidance  # tests/ is on sys.path
+from tiny_workdir import random_clip_workdir, random_like, train_tiny_cluster_tokenizer
 
 from vqkd_jax.nn.cross_attention import CrossAttention
 from vqkd_jax.proposal import nar as nar_lib
@@ -51,7 +51,7 @@ def _model(proposal, conditioning, flavour="gpt2", **kw):
     model = t2i_lib.TextConditionedNAR(transformer, TEXT_LEN, conditioning)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, TEXT_LEN, TEXT_DIM)),
                           jnp.ones((1, TEXT_LEN), bool), jnp.zeros((1, NUM_TOKENS), jnp.int32))
-  return model, {"params": _random_like(shapes["params"], seed=3)}
+  return model, {"params": random_like(shapes["params"], seed=3)}
 
 
 # ------------------------------------------------------------------------------ the module
@@ -64,7 +64,7 @@ def test_cross_attention_against_numpy_and_truncated_padding():
   mask = np.arange(6)[None] < lengths[:, None]
   layer = CrossAttention(num_heads=2)
   shapes = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x, context, mask)
-  params = _random_like(shapes["params"], seed=1)
+  params = random_like(shapes["params"], seed=1)
   out, (k, v) = jax.jit(layer.apply)({"params": params}, x, context, mask)
   # NumPy: per head softmax(q k^T / sqrt(d)) over the real context tokens only.
   p = {n: {a: np.asarray(b, np.float64) for a, b in params[n].items()} for n in params}

@@ -71,9 +71,27 @@ def tiny_pipeline(tmp_path_factory):
   return _BUILT["tiny"]
 
 
-def random_clip_workdir(workdir) -> None:
-  """A teacher_clip stage's work directory at random initialisation (no training step):
-  config.json and a checkpoint as the loop writes them (configs/demo/teacher_clip.py:runlocal)."""
+def random_like(tree, seed: int = 0, scale: float = 0.3):
+  """Random float32 weights of the tree's shapes, N(0, scale) (norm scales N(1, scale)), so that
+  every weight matters (unlike an initialisation's zeros and ones)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
+    return jnp.asarray(base + scale * rng.standard_normal(x.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(tree))
+
+
+def random_clip_workdir(workdir, scale: float | None = None, seed: int = 2) -> None:
+  """A teacher_clip stage's work directory without training: config.json and a checkpoint as the
+  loop writes them (configs/demo/teacher_clip.py:runlocal), at random initialisation, or with
+  `random_like(seed, scale)` weights when scale is given."""
   import os
 
   import flax.linen as nn
@@ -90,6 +108,8 @@ def random_clip_workdir(workdir) -> None:
   model = teacher_clip.build_model(c.model)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                jnp.zeros((1, c.model.context_length), jnp.int32))["params"]
+  if scale is not None:
+    params = random_like(params, seed, scale)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(c.to_json_best_effort())
