@@ -301,13 +301,20 @@ def test_rope_2d_prefix_sampling_cached_equals_full_recompute():
   kw = dict(num_image_tokens=NUM_TOKENS, codebook_size=CODEBOOK, rng=jax.random.PRNGKey(0),
             uncond_prefix=jnp.asarray(rng.normal(size=(p, 32)), jnp.float32), cfg_scale=1.75,
             temperature=1.3, top_k=12, top_p=0.8)
-  cached = np.asarray(sampling.sample_from_prefix(model, params, prefix, **kw))
   full = np.asarray(sampling.sample_from_prefix_full_recompute(model, params, prefix, **kw))
-  np.testing.assert_array_equal(cached, full)
+  for kernels in ("separate", "fused_cublas"):
+    cached = np.asarray(sampling.sample_from_prefix(model, params, prefix, decode_kernels=kernels,
+                                                    **kw))
+    np.testing.assert_array_equal(cached, full, err_msg=kernels)
   assert len(np.unique(cached)) > 5
-  # With nn/decode_attention's kernel: caches of P + N - 1 = 11 positions, not a power of two.
-  np.testing.assert_array_equal(sampling.sample_from_prefix(
-      model.clone(decode_step="pallas"), params, prefix, **kw), full)
+  # With nn/decode_attention's kernel: caches of P + N - 1 = 11 positions, not a power of two; the
+  # prefix's forward through the fused (and norm-folded) kernels, the steps through the Pallas ones.
+  for kernels, draw in (("separate", "xla"), ("folded", "pallas")):
+    np.testing.assert_array_equal(sampling.sample_from_prefix(
+        model.clone(decode_step="pallas"), params, prefix, decode_kernels=kernels, draw=draw,
+        **kw), full, err_msg=f"{kernels} {draw}")
+  with pytest.raises(ValueError, match="draw"):
+    sampling.sample_from_prefix(model, params, prefix, draw="sort", **kw)
 
 
 def test_remat_gives_the_same_gradients():

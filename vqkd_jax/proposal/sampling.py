@@ -293,15 +293,23 @@ DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
 DRAWS = ("xla", "pallas")
 
 
-def _sample_cached(*args, decode_kernels, draw, **kwargs):
+def _decoding_options(decode_kernels: str, draw: str) -> tuple[bool, bool, str]:
+  """(fuse, fold_norms, draw path) of `sample`'s decode_kernels and draw, checked."""
   if decode_kernels not in DECODE_KERNELS:
     raise ValueError(f"decode_kernels must be one of {DECODE_KERNELS}, got {decode_kernels!r}")
   if draw not in DRAWS:
     raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
-  cublas = decode_kernels in ("fused_cublas", "folded")
-  run = _sample_cached_cublas if cublas else _sample_cached_plain
-  return run(*args, fuse=decode_kernels != "separate", fold_norms=decode_kernels == "folded",
-             draw_path=draw, **kwargs)
+  return decode_kernels != "separate", decode_kernels == "folded", draw
+
+
+def _uses_cublas(decode_kernels: str) -> bool:
+  return decode_kernels in ("fused_cublas", "folded")
+
+
+def _sample_cached(*args, decode_kernels, draw, **kwargs):
+  fuse, fold_norms, draw_path = _decoding_options(decode_kernels, draw)
+  run = _sample_cached_cublas if _uses_cublas(decode_kernels) else _sample_cached_plain
+  return run(*args, fuse=fuse, fold_norms=fold_norms, draw_path=draw_path, **kwargs)
 
 
 def _static_args(cfg_scale, temperature, top_k, top_p, codebook_size):
@@ -407,20 +415,22 @@ def guidance_context_rows(context, context_mask, uncond_context, cfg):
           jnp.concatenate([mask, jnp.ones_like(mask)]))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "num_image_tokens", "codebook_size", "cfg_scale", "temperature", "top_k", "top_p",
-    "cache_segments"))
-def _sample_prefix_cached(model, variables, prefix, uncond_prefix, rng, example_offset, *,
-                          num_image_tokens, codebook_size, cfg_scale, temperature, top_k, top_p,
-                          cache_segments, context=None, context_mask=None, uncond_context=None):
-  variables = cast_floats(variables, model.dtype)
+_PREFIX_STATIC = ("model", "num_image_tokens", "codebook_size", "cfg_scale", "temperature",
+                  "top_k", "top_p", "cache_segments", "fuse", "fold_norms", "draw_path")
+
+
+def _sample_prefix_impl(model, variables, prefix, uncond_prefix, rng, example_offset, *,
+                        num_image_tokens, codebook_size, cfg_scale, temperature, top_k, top_p,
+                        cache_segments, fuse, fold_norms, draw_path, context=None,
+                        context_mask=None, uncond_context=None):
+  variables = _decoding_variables(model, variables, fuse, fold_norms)
   b, p = prefix.shape[:2]
   cfg = uses_cfg(cfg_scale)
   rows = guidance_prefix_rows(prefix, uncond_prefix, cfg)
   context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
   keys = _example_keys(rng, b, example_offset)
   choose = lambda logits, i: _choose(logits, b, keys, i, 0, codebook_size, cfg_scale, temperature,
-                                     top_k, top_p)
+                                     top_k, top_p, draw_path)
   # Positions 0 .. P-1 hold the prefix, P .. P+N-2 the image tokens 0 .. N-2 (the last never fed).
   # Step i >= 1 feeds position P + i - 1: after the steps < b the cache holds P + b - 1 positions.
   cache = model.init_cache(rows.shape[0], length=p,
@@ -445,6 +455,11 @@ def _sample_prefix_cached(model, variables, prefix, uncond_prefix, rng, example_
   return out
 
 
+_sample_prefix_plain = jax.jit(_sample_prefix_impl, static_argnames=_PREFIX_STATIC)
+_sample_prefix_cublas = xla_options.jit_with_options(_sample_prefix_impl, xla_options.CUBLAS_GEMMS,
+                                                     static_argnames=_PREFIX_STATIC)
+
+
 def _check_prefix_args(model, prefix, num_image_tokens, codebook_size):
   if prefix.ndim != 3 or prefix.shape[-1] != model.width:
     raise ValueError(f"prefix must be [B, P, {model.width}], got {prefix.shape}")
@@ -461,7 +476,8 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                        cfg_scale: float | None = 1.75, temperature: float = 1.0,
                        top_k: int | None = 600, top_p: float | None = 0.92,
                        example_offset: int = 0, context=None, context_mask=None,
-                       uncond_context=None, cache_segments: int | None = None) -> jax.Array:
+                       uncond_context=None, cache_segments: int | None = None,
+                       decode_kernels: str = "fused_cublas", draw: str = "xla") -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) after prefix embeddings
   [B, P, width] (model.vocab_size == codebook_size: image token t has id t).
 
@@ -470,21 +486,23 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
   Cross-attention models: context [B, L, width], context_mask bool [B, L] (None: all real) and
   uncond_context ([L, width], all real; needed with guidance).
   One jitted program: the prefix (and the context's keys / values) in one cached forward, then
-  the decoding loops over the tokens (`cache_segments` as `sample`)."""
+  the decoding loops over the tokens (`cache_segments`, `decode_kernels` and `draw` as `sample`;
+  the prefix's forward runs through the same fused kernels)."""
   prefix = jnp.asarray(prefix)
   _check_prefix_args(model, prefix, num_image_tokens, codebook_size)
   static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
   uncond = None if uncond_prefix is None else jnp.asarray(uncond_prefix, prefix.dtype)
   if not uses_cfg(static["cfg_scale"]):
     uncond = uncond_context = None
-  return _sample_prefix_cached(model, as_variables(params), prefix, uncond, rng,
-                               jnp.asarray(example_offset, jnp.int32),
-                               num_image_tokens=num_image_tokens, codebook_size=codebook_size,
-                               context=context, context_mask=context_mask,
-                               uncond_context=uncond_context,
-                               cache_segments=int(cache_segments or default_cache_segments(
-                                   num_image_tokens, model.decode_step_path())),
-                               **static)
+  fuse, fold_norms, draw_path = _decoding_options(decode_kernels, draw)
+  run = _sample_prefix_cublas if _uses_cublas(decode_kernels) else _sample_prefix_plain
+  return run(model, as_variables(params), prefix, uncond, rng,
+             jnp.asarray(example_offset, jnp.int32), num_image_tokens=num_image_tokens,
+             codebook_size=codebook_size, context=context, context_mask=context_mask,
+             uncond_context=uncond_context,
+             cache_segments=int(cache_segments or default_cache_segments(
+                 num_image_tokens, model.decode_step_path())),
+             fuse=fuse, fold_norms=fold_norms, draw_path=draw_path, **static)
 
 
 def sample_from_prefix_full_recompute(model: ar_lib.ARTransformer, params, prefix, *,
