@@ -139,9 +139,12 @@ def test_cross_attention_cached_sampling_equals_full_recompute(cross_ar):
   # Decoding in 3 loops over a growing cache (the context's keys / values carried along).
   np.testing.assert_array_equal(
       sampling.sample_from_prefix(model.transformer, params, cache_segments=3, **kw), full)
-  # The self-attention of each step as nn/decode_attention's kernel (Pallas interpret mode here).
+  # The self-attention of each step as nn/decode_attention's kernel (Pallas interpret mode here);
+  # then with Llama's norm1 / norm2 folded (norm_cross stays a norm) and the filtered draw.
+  pallas = model.transformer.clone(decode_step="pallas")
+  np.testing.assert_array_equal(sampling.sample_from_prefix(pallas, params, **kw), full)
   np.testing.assert_array_equal(sampling.sample_from_prefix(
-      model.transformer.clone(decode_step="pallas"), params, **kw), full)
+      pallas, params, decode_kernels="folded", draw="pallas", **kw), full)
   other = sampling.sample_from_prefix(model.transformer, params,
                                       **dict(kw, rng=jax.random.PRNGKey(7)))
   assert (np.asarray(other) != cached).mean() > 0.3
