@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from vqkd_jax.nn import pallas_backend
 from vqkd_jax.nn import rms_norm as rms_norm_lib
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -54,10 +55,10 @@ def resolve(implementation: str, head_dim: int) -> str:
   power-of-two head dim, as Triton's blocks need) and the einsums elsewhere."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"decode attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  fits = head_dim & (head_dim - 1) == 0
+  fits = pallas_backend.is_power_of_two(head_dim)
   if implementation == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
-  if implementation == "pallas" and not fits and jax.default_backend() == "gpu":
+    return "pallas" if pallas_backend.on_gpu() and fits else "xla"
+  if implementation == "pallas" and not fits and pallas_backend.on_gpu():
     raise ValueError(f"the Pallas decode attention needs a power-of-two head dim, got {head_dim}: "
                      f"use decode_step='xla'")
   return implementation
@@ -198,12 +199,6 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary, r
   vec = lambda m: pl.BlockSpec((None,) * (len(srcs[0].shape) - 1) + (hd,), m)
   row = pl.BlockSpec((None, None, hd), lambda i, j: (i, j, 0))
   cache = pl.BlockSpec((None, None, length, hd), lambda i, j: (i, j, 0, 0))
-  on_gpu = jax.default_backend() == "gpu"
-  if on_gpu:
-    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS,
-                                                           num_stages=NUM_STAGES))
-  else:
-    params = dict(interpret=True)
   n_in = 1 + len(extra) + 3
   return pl.pallas_call(
       functools.partial(_kernel, block=block, length=length, scale=hd ** -0.5, pairs=pairs,
@@ -216,5 +211,5 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary, r
                 *(vec(m) for m in maps), cache, cache],
       out_specs=(row, cache, cache),
       input_output_aliases={n_in: 1, n_in + 1: 2},
-      name="decode_attention", **params)(
+      name="decode_attention", **pallas_backend.call_params(NUM_WARPS, NUM_STAGES))(
           jnp.reshape(jnp.asarray(position, jnp.int32), (1,)), *extra, *srcs, k_cache, v_cache)

@@ -36,7 +36,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
+
+from vqkd_jax.nn import pallas_backend
 
 BISECTIONS = 32     # halvings of the int32 key range: exact for any float32 row
 
@@ -108,11 +109,6 @@ def filtered_draw(logits: jax.Array, noise: jax.Array, top_k: int = 0,
   if length != v:     # padded tokens are -inf: never kept by top-k, never drawn
     logits = jnp.pad(logits, ((0, 0), (0, length - v)), constant_values=-jnp.inf)
     noise = jnp.pad(noise, ((0, 0), (0, length - v)))
-  if jax.default_backend() == "gpu":
-    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=num_warps(length),
-                                                           num_stages=1))
-  else:
-    params = dict(interpret=True)
   row = pl.BlockSpec((None, length), lambda i: (i, 0))
   return pl.pallas_call(
       functools.partial(_kernel, top_k=0 if top_k >= v else int(top_k), top_p=float(top_p)),
@@ -120,4 +116,4 @@ def filtered_draw(logits: jax.Array, noise: jax.Array, top_k: int = 0,
       grid=(b,),
       in_specs=[row, row],
       out_specs=pl.BlockSpec((1,), lambda i: (i,)),
-      name="filtered_draw", **params)(logits, noise)
+      name="filtered_draw", **pallas_backend.call_params(num_warps(length), 1))(logits, noise)

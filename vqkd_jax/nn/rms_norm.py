@@ -20,15 +20,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
+
+from vqkd_jax.nn import pallas_backend
 
 NUM_WARPS = 4
 MAX_BLOCK = 4096    # columns of one block of rms_scaled_swiglu
 
 
 def fits(features: int) -> bool:
-  """Whether the kernel takes rows of `features` (a power of two)."""
-  return features > 0 and features & (features - 1) == 0
+  """Whether the kernels take rows of `features` (a power of two)."""
+  return pallas_backend.is_power_of_two(features)
+
+
+def _check_features(features: int) -> None:
+  if pallas_backend.on_gpu() and not fits(features):
+    raise ValueError(f"the Pallas RMSNorm needs a power-of-two feature count, got {features}")
 
 
 def inverse_rms(x: jax.Array, epsilon: float) -> jax.Array:
@@ -50,22 +56,16 @@ def rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, dtype=None) -> jax.
   d = x.shape[-1]
   if scale.shape != (d,):
     raise ValueError(f"scale must be [{d}], got {scale.shape}")
-  on_gpu = jax.default_backend() == "gpu"
-  if on_gpu and not fits(d):
-    raise ValueError(f"the Pallas RMSNorm needs a power-of-two feature count, got {d}")
+  _check_features(d)
   dtype = dtype or jnp.result_type(x.dtype, scale.dtype)
   rows = x.reshape(-1, d)
-  if on_gpu:
-    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
-  else:
-    params = dict(interpret=True)
   out = pl.pallas_call(
       lambda *refs: _kernel(*refs, epsilon=float(epsilon)),
       out_shape=jax.ShapeDtypeStruct(rows.shape, dtype),
       grid=(rows.shape[0],),
       in_specs=[pl.BlockSpec((None, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,))],
       out_specs=pl.BlockSpec((None, d), lambda i: (i, 0)),
-      name="rms_norm", **params)(rows, scale)
+      name="rms_norm", **pallas_backend.call_params(NUM_WARPS, 1))(rows, scale)
   return out.reshape(x.shape)
 
 
@@ -113,13 +113,7 @@ def rms_scaled_swiglu(gate_up: jax.Array, x: jax.Array, epsilon: float, dtype) -
   b, two, f = gate_up.shape
   if two != 2 or x.ndim != 2 or x.shape[0] != b:
     raise ValueError(f"gate_up must be [B, 2, F] and x [B, D], got {gate_up.shape}, {x.shape}")
-  on_gpu = jax.default_backend() == "gpu"
-  if on_gpu and not fits(x.shape[1]):
-    raise ValueError(f"the Pallas RMSNorm needs a power-of-two feature count, got {x.shape[1]}")
-  if on_gpu:
-    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
-  else:
-    params = dict(interpret=True)
+  _check_features(x.shape[1])
   return pl.pallas_call(
       functools.partial(_swiglu_kernel, epsilon=float(epsilon), dtype=jnp.dtype(dtype)),
       out_shape=jax.ShapeDtypeStruct((b, f), dtype),
@@ -128,4 +122,4 @@ def rms_scaled_swiglu(gate_up: jax.Array, x: jax.Array, epsilon: float, dtype) -
                 pl.BlockSpec((None, None, f), lambda i: (i, 1, 0)),
                 pl.BlockSpec((None, x.shape[1]), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((None, f), lambda i: (i, 0)),
-      name="rms_scaled_swiglu", **params)(gate_up, gate_up, x)
+      name="rms_scaled_swiglu", **pallas_backend.call_params(NUM_WARPS, 1))(gate_up, gate_up, x)
