@@ -68,3 +68,14 @@ def test_errors():
     filtered_draw.filtered_draw(x, x, top_k=9)
   with pytest.raises(ValueError, match="top_p"):
     filtered_draw.filtered_draw(x, x, top_p=1.5)
+
+
+def test_auto_draw_is_the_kernel_on_gpus_only(monkeypatch):
+  """draw="auto" (sample's default) resolves to the kernel where Pallas compiles it (a GPU
+  backend) and to XLA's ops elsewhere; an unknown setting is named."""
+  assert sampling.resolve_draw("auto") == "xla"      # this CPU backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert sampling.resolve_draw("auto") == "pallas"
+  assert sampling.resolve_draw("xla") == "xla"
+  with pytest.raises(ValueError, match="draw must be one of"):
+    sampling.resolve_draw("triton")

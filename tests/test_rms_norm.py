@@ -39,10 +39,12 @@ def test_errors():
     rms_norm.rms_norm(jnp.zeros((2, 8)), jnp.ones((4,)), 1e-5)
 
 
-def test_rms_scaled_swiglu_against_closed_form():
+@pytest.mark.parametrize("block", [512, 16])
+def test_rms_scaled_swiglu_against_closed_form(block, monkeypatch):
   """gate_up of the un-normalised rows (float32), scaled by each row's rsqrt(mean(x^2) + eps),
   rounded to the dtype, then silu(gate) * up: in float64 from the definition; F = 44 is not a
-  power of two (one masked block)."""
+  power of two: 2 programs per row of 32 columns (the last moved back, overlapping), or 3 of 16."""
+  monkeypatch.setattr(rms_norm, "SWIGLU_BLOCK", block)
   rng = np.random.default_rng(3)
   gate_up = (rng.normal(size=(4, 2, 44)) * 5).astype(np.float32)
   x = (rng.normal(size=(4, 32)) * rng.uniform(0.3, 5, (4, 1))).astype(np.float32)

@@ -502,8 +502,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
   sampling.DECODE_KERNELS), decoding step of config.bench.decode_step (default: the model's
-  decode_step) and way of drawing of config.bench.draw (default: "xla")."""
-  from vqkd_jax.proposal.sampling import DECODE_KERNELS, sample
+  decode_step) and way of drawing of config.bench.draw (default: "auto", the kernel on GPUs)."""
+  from vqkd_jax.proposal.sampling import DECODE_KERNELS, resolve_draw, sample
   from vqkd_jax.train import ar as ar_stage
 
   _check_bench_group(config)
@@ -519,7 +519,7 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   decode_steps = config.bench.get("decode_step", (model.decode_step,))
   for cfg, step, kernels, draw in itertools.product(
       dict.fromkeys((config.sampling.cfg_scale, None)), decode_steps,
-      config.bench.get("decode_kernels", DECODE_KERNELS), config.bench.get("draw", ("xla",))):
+      config.bench.get("decode_kernels", DECODE_KERNELS), config.bench.get("draw", ("auto",))):
     decoder = model.clone(decode_step=step)
     run = lambda seed: sample(decoder, params, labels, num_image_tokens=num_tokens,
                               num_classes=config.data.num_classes,
@@ -532,7 +532,7 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
                  "precision": config.precision, "batch": b, "tokens": num_tokens,
                  "cfg": cfg or "off", "top_k": config.sampling.top_k,
                  "top_p": config.sampling.top_p, "kernels": kernels,
-                 "decode_step": decoder.decode_step_path(), "draw": draw,
+                 "decode_step": decoder.decode_step_path(), "draw": resolve_draw(draw),
                  "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
                  "images/s": f"{b / seconds:.0f}"})
   return rows

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from vqkd_jax.nn import pallas_backend
 
 NUM_WARPS = 4
-MAX_BLOCK = 4096    # columns of one block of rms_scaled_swiglu
+SWIGLU_BLOCK = 512  # columns of one program of rms_scaled_swiglu (at most)
 
 
 def fits(features: int) -> bool:
@@ -85,19 +85,17 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The RMSNorm folded into the next kernel's weights.
 
-def _swiglu_kernel(gate_ref, up_ref, x_ref, o_ref, *, epsilon: float, dtype):
-  """One row: gate, up [F] (of the GEMM of the un-normalised x), x [D]. F need not be a power of
-  two: the row is covered by two blocks of the largest power of two <= F (at most MAX_BLOCK),
-  the last moved back to end at F; the overlap is computed and written twice, with the same
-  values, and no access leaves the row."""
+def _swiglu_kernel(gate_ref, up_ref, x_ref, o_ref, *, block: int, epsilon: float, dtype):
+  """Program (row, j): gate, up [F] (of the GEMM of the un-normalised x), x [D]; columns
+  [j block, (j + 1) block), the last block moved back to end at F (F need not be a power of two:
+  an overlap is computed and written twice, with the same values, and no access leaves the
+  row). Each program computes its row's rsqrt(mean(x^2) + epsilon) from x (D values)."""
   f = o_ref.shape[-1]
-  block = min(1 << (f.bit_length() - 1), MAX_BLOCK)
   inv = inverse_rms(x_ref[...], epsilon)
-  for start in sorted({*range(0, f - block, block), f - block}):
-    cols = pl.ds(start, block)
-    gate, up = ((ref[cols].astype(jnp.float32) * inv).astype(dtype).astype(jnp.float32)
-                for ref in (gate_ref, up_ref))
-    o_ref[cols] = (gate * jax.nn.sigmoid(gate) * up).astype(o_ref.dtype)
+  cols = pl.ds(jnp.minimum(pl.program_id(1) * block, f - block), block)
+  gate, up = ((ref[cols].astype(jnp.float32) * inv).astype(dtype).astype(jnp.float32)
+              for ref in (gate_ref, up_ref))
+  o_ref[cols] = (gate * jax.nn.sigmoid(gate) * up).astype(o_ref.dtype)
 
 
 def rms_scaled_swiglu(gate_up: jax.Array, x: jax.Array, epsilon: float, dtype) -> jax.Array:
@@ -114,12 +112,14 @@ def rms_scaled_swiglu(gate_up: jax.Array, x: jax.Array, epsilon: float, dtype) -
   if two != 2 or x.ndim != 2 or x.shape[0] != b:
     raise ValueError(f"gate_up must be [B, 2, F] and x [B, D], got {gate_up.shape}, {x.shape}")
   _check_features(x.shape[1])
+  block = 1 << (min(f, SWIGLU_BLOCK).bit_length() - 1)
   return pl.pallas_call(
-      functools.partial(_swiglu_kernel, epsilon=float(epsilon), dtype=jnp.dtype(dtype)),
+      functools.partial(_swiglu_kernel, block=block, epsilon=float(epsilon),
+                        dtype=jnp.dtype(dtype)),
       out_shape=jax.ShapeDtypeStruct((b, f), dtype),
-      grid=(b,),
-      in_specs=[pl.BlockSpec((None, None, f), lambda i: (i, 0, 0)),
-                pl.BlockSpec((None, None, f), lambda i: (i, 1, 0)),
-                pl.BlockSpec((None, x.shape[1]), lambda i: (i, 0))],
-      out_specs=pl.BlockSpec((None, f), lambda i: (i, 0)),
+      grid=(b, -(-f // block)),
+      in_specs=[pl.BlockSpec((None, None, f), lambda i, j: (i, 0, 0)),
+                pl.BlockSpec((None, None, f), lambda i, j: (i, 1, 0)),
+                pl.BlockSpec((None, x.shape[1]), lambda i, j: (i, 0))],
+      out_specs=pl.BlockSpec((None, f), lambda i, j: (i, 0)),
       name="rms_scaled_swiglu", **pallas_backend.call_params(NUM_WARPS, 1))(gate_up, gate_up, x)
