@@ -150,6 +150,17 @@ def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
       np.testing.assert_allclose(got, plain, atol=2e-5, rtol=1e-5, err_msg=step)
       if step == "pallas":
         assert jaxpr.count("name=rms_norm") == 1 and jaxpr.count("name=rms_scaled_swiglu") == 2
+    # One norm folded, the other kept as the RMSNorm kernel.
+    for folds, norm_kernels, swiglu_kernels in ((("norm1",), 3, 0), (("norm2",), 3, 2)):
+      half = ar_lib.fuse_for_decoding({"params": params}, fold_norms=folds)
+      block = half[ar_lib.DECODE]["block0"]
+      assert ("qkv_rms" in block["attn"]) == ("norm1" in folds)
+      assert ("gate_up_rms" in block) == ("norm2" in folds)
+      assert set(half["params"]["block0"]) & {"norm1", "norm2"} == {"norm1", "norm2"} - set(folds)
+      got, jaxpr = decoded(model.clone(decode_step="pallas"), half)
+      np.testing.assert_allclose(got, plain, atol=2e-5, rtol=1e-5, err_msg=str(folds))
+      assert jaxpr.count("name=rms_norm") == norm_kernels, folds
+      assert jaxpr.count("name=rms_scaled_swiglu") == swiglu_kernels, folds
   else:    # GPT-2's LayerNorms stay
     jax.tree.map(np.testing.assert_array_equal, folded, variables)
   # A tied head: the padded DECODE head is the embedding transposed; the same logits.

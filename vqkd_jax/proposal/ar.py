@@ -130,7 +130,7 @@ DECODE = "decode"   # the variable collection of `fuse_for_decoding`'s kernels
 HEAD_MULTIPLE = 128   # output columns of `fuse_for_decoding`'s head kernel
 
 
-def fuse_for_decoding(variables, fold_norms: bool = False) -> dict:
+def fuse_for_decoding(variables, fold_norms: bool | tuple[str, ...] = False) -> dict:
   """Variables for a decoding loop: each block's query / key / value kernels stacked into one
   `qkv` [D, 3, heads, hd] (biases `qkv_bias` [3, heads, hd]) and, in Llama, gate / up into one
   `gate_up` [D, 2, F], in the collection DECODE; the originals are left out of `params`. The
@@ -145,9 +145,10 @@ def fuse_for_decoding(variables, fold_norms: bool = False) -> dict:
   sampler on its copy of the parameters; the parameter tree of the model (and its checkpoints)
   stays as it is.
 
-  fold_norms (Llama): each block's RMSNorm scales multiplied into the kernels that read the
-  norms' output, norm1's into `qkv_rms` and norm2's into `gate_up_rms` (in place of `qkv` and
-  `gate_up`; the norms' parameters left out). A block then feeds its un-normalised rows to those
+  fold_norms (Llama; True for both, or the names of those to fold, "norm1" / "norm2"): each
+  block's RMSNorm scales multiplied into the kernels that read the norms' output, norm1's into
+  `qkv_rms` and norm2's into `gate_up_rms` (in place of `qkv` and `gate_up`; the norms'
+  parameters left out). A block then feeds its un-normalised rows to those
   GEMMs and scales their outputs by each row's rsqrt(mean(x^2) + epsilon): in the Pallas
   decoding step inside nn/decode_attention's and nn/rms_norm.rms_scaled_swiglu's kernels, so
   that the two RMSNorm kernels of a step's block are gone; elsewhere (a prefill, XLA's ops) by an
@@ -172,9 +173,11 @@ def fuse_for_decoding(variables, fold_norms: bool = False) -> dict:
     if "gate" in block and "bias" not in block["gate"]:
       entry["gate_up"] = jnp.stack([block.pop("gate")["kernel"], block.pop("up")["kernel"]],
                                    axis=1)
-      if fold_norms:
-        scale = lambda norm: block.pop(norm)["scale"]
+      folds = ("norm1", "norm2") if fold_norms is True else tuple(fold_norms or ())
+      scale = lambda norm: block.pop(norm)["scale"]
+      if "norm1" in folds:
         entry["attn"] = {"qkv_rms": entry["attn"].pop("qkv") * scale("norm1")[:, None, None, None]}
+      if "norm2" in folds:
         entry["gate_up_rms"] = entry.pop("gate_up") * scale("norm2")[:, None, None]
     params[name], fused[name] = block, entry
   return {**variables, "params": params, DECODE: fused}
@@ -433,14 +436,16 @@ class DecoderBlock(nn.Module):
     pallas_norm = _pallas_step(self.decode_step, cache, x.shape[1], x.shape[-1],
                                self.num_heads) and rms_norm_lib.fits(x.shape[-1])
     norm = lambda name: _norm(self.flavour, name, self.dtype, self.norm_eps, pallas_norm)
-    # fuse_for_decoding(fold_norms=True): norm1 / norm2 are applied by the kernels that follow them
+    # fuse_for_decoding(fold_norms=...): a folded norm1 / norm2 is applied by the kernels after it
     folded = self.has_variable(DECODE, "gate_up_rms")
+    norm1_folded = self.has_variable(DECODE, "attn") and "qkv_rms" in self.get_variable(DECODE,
+                                                                                        "attn")
     h, self_cache = CausalSelfAttention(
         self.num_heads, use_bias=bias, rope=self.rope if llama else None,
         rope_theta=self.rope_theta, grid=self.grid, num_prefix=self.num_prefix, out_init_std=std,
         dropout=self.dropout, implementation=self.attention, dtype=self.dtype,
         decode_step=self.decode_step, norm_eps=self.norm_eps, name="attn")(
-            x if folded else norm("norm1")(x), positions,
+            x if norm1_folded else norm("norm1")(x), positions,
             None if cache is None else cache[:2], train)
     x = x + drop(h)
     new_cache = self_cache
