@@ -6,7 +6,7 @@ it): the argmax of logits + noise over the tokens that survive transformers' top
 filters (proposal/sampling.top_k_top_p_filter). With the same noise it draws the same token as
 `jax.random.categorical(key, top_k_top_p_filter(logits))`, without sorting: one program per row
 holds the row in registers and finds each filter's threshold by bisection over the float values'
-ordering (as int32 keys, at most 32 halvings each, stopping once the kept set is settled):
+ordering (as int32 keys, 32 halvings each):
 
 - top-k: the k-th largest value t, the largest with count(x >= t) >= k (ties at t are kept, as
   `logits < kth` removes only smaller ones);
@@ -23,9 +23,8 @@ against the XLA filters and jax.random.categorical, with ties and -inf).
 Why: `lax.top_k` (k = 600 of V = 8,192, 64 rows) is a sort taking 33 us of an H100, and the
 filters' other ops and the draw about 17 us more, at every sampling step (about 13 ms of a
 384 ms batch of Llama medium with CFG). The kernel does 64 masked reductions per row instead.
-Measured on an H100 (5 Dec 2026; Llama medium, batch 64 with CFG, 256 tokens): 22.7 us per step
-with 32 halvings for each threshold, the sampler 365.7 against 372.3 ms per batch with XLA's
-draw, the same tokens; `proposal/sampling.sample` draws with it on GPUs (draw="auto").
+It is tested in Pallas' interpret mode on the CPU; it has not yet been compiled by Triton or
+timed on a GPU, so `proposal/sampling.sample` draws with XLA's ops unless `draw="pallas"`.
 On GPUs the kernel is compiled by Pallas' Triton backend (V padded to a power of two with
 -inf); elsewhere it runs in Pallas' interpret mode.
 """
@@ -40,6 +39,7 @@ from jax.experimental import pallas as pl
 
 from vqkd_jax.nn import pallas_backend
 
+BISECTIONS = 32     # halvings of the int32 key range: exact for any float32 row
 
 
 def num_warps(length: int) -> int:
@@ -67,34 +67,26 @@ def _kernel(x_ref, noise_ref, o_ref, *, top_k: int, top_p: float):
   keys = _ordered_keys(x)
   top = jnp.max(keys)
   threshold = jnp.min(keys)
-  count_in = lambda lo, hi: jnp.sum(((keys >= lo) & (keys < hi)).astype(jnp.int32))
   if top_k:
-    # The largest t with count(keys >= t) >= top_k; it lies in [lo, hi]. A count of exactly
-    # top_k at mid keeps the same set as t (no key in [mid, t) ... t is the k-th largest and the
-    # next one is < mid): the search stops there.
-    def kth(bounds):
+    # The largest t with count(keys >= t) >= top_k; it lies in [threshold, top].
+    def kth(_, bounds):
       lo, hi = bounds
       mid = _midpoint(lo, hi, upper=True)
-      count = jnp.sum((keys >= mid).astype(jnp.int32))
-      lo = jnp.where(count >= top_k, mid, lo)
-      hi = jnp.where(count == top_k, mid, jnp.where(count >= top_k, hi, mid - 1))
-      return lo, hi
-    threshold, _ = jax.lax.while_loop(lambda b: b[0] < b[1], kth, (threshold, top))
+      enough = jnp.sum((keys >= mid).astype(jnp.int32)) >= top_k
+      return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+    threshold, _ = jax.lax.fori_loop(0, BISECTIONS, kth, (threshold, top))
   if top_p < 1.0:
     kept = keys >= threshold
     e = jnp.where(kept, jnp.exp(x - jnp.max(x)), 0.0)
     p = e / jnp.sum(e)
-    # The smallest v in [lo, hi] with sum(p[keys > v]) < top_p (top satisfies it). Once no key
-    # lies in [lo, hi), every v there keeps the same set, keys >= hi: the search stops.
-    def nucleus(bounds):
-      lo, hi, _ = bounds
+    # The smallest v in [threshold, top] with sum(p[keys > v]) < top_p (top satisfies it).
+    def nucleus(_, bounds):
+      lo, hi = bounds
       mid = _midpoint(lo, hi, upper=False)
-      light = jnp.sum(jnp.where(keys > mid, p, 0.0)) < top_p   # (never with top_p = 0: top)
-      # the keys left inside either half, counted in the same pass
-      inside = jnp.where(light, count_in(lo, mid), count_in(mid + 1, hi))
-      return jnp.where(light, lo, mid + 1), jnp.where(light, mid, hi), inside
-    _, threshold, _ = jax.lax.while_loop(lambda b: (b[0] < b[1]) & (b[2] > 0), nucleus,
-                                         (threshold, top, count_in(threshold, top)))
+      # (mid == hi once converged: top_p = 0 keeps only the largest value and its ties)
+      light = (jnp.sum(jnp.where(keys > mid, p, 0.0)) < top_p) | (mid >= hi)
+      return jnp.where(light, lo, mid + 1), jnp.where(light, mid, hi)
+    threshold, _ = jax.lax.fori_loop(0, BISECTIONS, nucleus, (threshold, top))
   scores = jnp.where(keys >= threshold, x + noise_ref[...], -jnp.inf)
   o_ref[...] = jnp.full((1,), jnp.argmax(scores).astype(jnp.int32))
 
