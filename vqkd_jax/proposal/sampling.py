@@ -288,7 +288,8 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # Measured on an H100 (Pallas step and draw), it was slower: 376.9 against 365.7 ms per batch;
 # per layer and step the attention kernel took 1.8 us more with the norm inside (30.6 us), the
 # norm + SwiGLU kernel (then one program per row) 4.3 us against 3.4 for the norm and the
-# fusion it replaced, and the GEMMs' float32 outputs 0.7 us more. So it is not the default.
+# fusion it replaced, and the GEMMs' float32 outputs 0.7 us more. So it is not the default. (The
+# norm + SwiGLU kernel now runs a program per row and 512 columns; not yet measured.)
 DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
 # How a step draws its token (`sample(draw=...)`): "xla", top_k_top_p_filter's sort and
 # jax.random.categorical; "pallas", nn/filtered_draw.py's kernel on the same Gumbel noise (the same
