@@ -3,8 +3,8 @@
 Per step: logits of the image-token slice [C + 1, C + 1 + K); classifier-free guidance on logits
 (rows [cond; uncond], uncond + scale * (cond - uncond)); temperature; top-k; top-p (nucleus, as
 transformers' top_k_top_p_filtering); a categorical draw (temperature 0: argmax), or the filters
-and the draw as one kernel on the same noise (`draw="pallas"`, nn/filtered_draw.py; "auto", the default, on GPUs). The drawn
-token is appended to both halves of the doubled batch.
+and the draw as one kernel on the same noise (`draw="pallas"`, nn/filtered_draw.py; the default
+"auto" on GPUs). The drawn token is appended to both halves of the doubled batch.
 
 `sample` is one jitted program of `lax.fori_loop`s with a KV cache ([B, heads, S, head_dim], the
 float parameters cast to the computation dtype once, optionally each block's q / k / v and gate /
