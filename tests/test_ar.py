@@ -161,6 +161,8 @@ def test_fused_decoding_kernels_give_the_same_logits(model_and_params):
       np.testing.assert_allclose(got, plain, atol=2e-5, rtol=1e-5, err_msg=str(folds))
       assert jaxpr.count("name=rms_norm") == norm_kernels, folds
       assert jaxpr.count("name=rms_scaled_swiglu") == swiglu_kernels, folds
+    with pytest.raises(ValueError, match="fold_norms names norm1 / norm2"):
+      ar_lib.fuse_for_decoding({"params": params}, fold_norms=("norm_2",))
   else:    # GPT-2's LayerNorms stay
     jax.tree.map(np.testing.assert_array_equal, folded, variables)
   # A tied head: the padded DECODE head is the embedding transposed; the same logits.

@@ -154,6 +154,9 @@ def fuse_for_decoding(variables, fold_norms: bool | tuple[str, ...] = False) -> 
   that the two RMSNorm kernels of a step's block are gone; elsewhere (a prefill, XLA's ops) by an
   RMSNorm without scale before the GEMMs. RMSNorm then a projection, reordered: equal within
   rounding (products with the scale rounded once, in the weights)."""
+  folds = ("norm1", "norm2") if fold_norms is True else tuple(fold_norms or ())
+  if set(folds) - {"norm1", "norm2"}:
+    raise ValueError(f"fold_norms names norm1 / norm2, got {fold_norms!r}")
   params = dict(variables["params"])
   fused = {}
   if "head" in params:
@@ -173,7 +176,6 @@ def fuse_for_decoding(variables, fold_norms: bool | tuple[str, ...] = False) -> 
     if "gate" in block and "bias" not in block["gate"]:
       entry["gate_up"] = jnp.stack([block.pop("gate")["kernel"], block.pop("up")["kernel"]],
                                    axis=1)
-      folds = ("norm1", "norm2") if fold_norms is True else tuple(fold_norms or ())
       scale = lambda norm: block.pop(norm)["scale"]
       if "norm1" in folds:
         entry["attn"] = {"qkv_rms": entry["attn"].pop("qkv") * scale("norm1")[:, None, None, None]}
@@ -437,7 +439,7 @@ class DecoderBlock(nn.Module):
                                self.num_heads) and rms_norm_lib.fits(x.shape[-1])
     norm = lambda name: _norm(self.flavour, name, self.dtype, self.norm_eps, pallas_norm)
     # fuse_for_decoding(fold_norms=...): a folded norm1 / norm2 is applied by the kernels after it
-    folded = self.has_variable(DECODE, "gate_up_rms")
+    norm2_folded = self.has_variable(DECODE, "gate_up_rms")
     norm1_folded = self.has_variable(DECODE, "attn") and "qkv_rms" in self.get_variable(DECODE,
                                                                                         "attn")
     h, self_cache = CausalSelfAttention(
@@ -461,12 +463,12 @@ class DecoderBlock(nn.Module):
         new_cache = (*self_cache, *(cached_kv or (ck.astype(cache[2].dtype),
                                                   cv.astype(cache[3].dtype))))
     down = lambda h: _dense(x.shape[-1], ("mlp", "embed"), "down", bias, self.dtype, std)(h)
-    if folded and pallas_norm:   # the norm, the activation and their roundings in one kernel
+    if norm2_folded and pallas_norm:   # the norm, the activation and their roundings in one kernel
       gate_up = _fused_dense(x, self.get_variable(DECODE, "gate_up_rms"), None, self.dtype,
                              out_dtype=jnp.float32)
       h = down(rms_norm_lib.rms_scaled_swiglu(gate_up[:, 0], x[:, 0], self.norm_eps,
                                               self.dtype)[:, None])
-    elif folded:
+    elif norm2_folded:
       gate_up = _fused_dense(_unscaled_rms_norm(x, self.norm_eps, self.dtype),
                              self.get_variable(DECODE, "gate_up_rms"), None, self.dtype)
       h = down(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
