@@ -79,3 +79,16 @@ def test_auto_draw_is_the_kernel_on_gpus_only(monkeypatch):
   assert sampling.resolve_draw("xla") == "xla"
   with pytest.raises(ValueError, match="draw must be one of"):
     sampling.resolve_draw("triton")
+
+
+def test_a_tie_at_the_nucleus_edge_is_kept_whole():
+  """The documented difference from the sorted rule: with two equal top values of mass 0.48
+  each and top_p = 0.3, the sorted rule keeps the first of them only (the second has 0.48 before
+  it); the kernel keeps both (nothing strictly above their value) and nothing else."""
+  x = np.array([5.0, 1.0, 5.0, 0.0, 0.5, -2.0, 1.5, 0.25], np.float32)
+  kept_xla = np.asarray(jnp.isfinite(sampling.top_k_top_p_filter(jnp.asarray(x[None]), 0, 0.3)))
+  assert kept_xla.sum() == 1 and kept_xla[0, [0, 2]].sum() == 1
+  drawn = np.asarray(filtered_draw.filtered_draw(jnp.asarray(np.tile(x, (8, 1))),
+                                                 jnp.asarray(1e6 * np.eye(8, dtype=np.float32)),
+                                                 0, 0.3))
+  np.testing.assert_array_equal(drawn == np.arange(8), x == 5.0)

@@ -12,8 +12,10 @@ ordering (as int32 keys, 32 halvings each):
   `logits < kth` removes only smaller ones);
 - top-p: among the kept values, with p = softmax over them, the smallest value v whose mass
   strictly above it, sum(p[x > v]), is < top_p. That is the sorted rule's threshold: token j of
-  the descending order is kept when the tokens before it sum to < top_p, and the first of a run
-  of ties has exactly the mass above the run before it.
+  the descending order is kept when the tokens before it sum to < top_p. A run of equal values
+  at that edge is kept whole, where the sorted rule keeps only its first members (in the sort's
+  order of equal values) while their preceding mass stays < top_p: a network's float32 logits
+  rarely tie.
 
 Sums are in another order than the sorted cumulative sum of the XLA path (and Triton's exp is
 not XLA's), so a token whose preceding mass lies within rounding of top_p can be kept by one path
@@ -86,7 +88,7 @@ def _kernel(x_ref, noise_ref, o_ref, *, top_k: int, top_p: float):
     def nucleus(_, bounds):
       lo, hi = bounds
       mid = _midpoint(lo, hi, upper=False)
-      # (mid == hi once converged: top_p = 0 keeps only the largest value and its ties)
+      # (mid == hi once converged: top_p = 0 keeps only the largest value, with its ties)
       light = (jnp.sum(jnp.where(keys > mid, p, 0.0)) < top_p) | (mid >= hi)
       return jnp.where(light, lo, mid + 1), jnp.where(light, mid, hi)
     threshold, _ = jax.lax.fori_loop(0, BISECTIONS, nucleus, (threshold, top))
@@ -97,8 +99,8 @@ def _kernel(x_ref, noise_ref, o_ref, *, top_k: int, top_p: float):
 def filtered_draw(logits: jax.Array, noise: jax.Array, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
   """int32 [B]: per row of logits [B, V], argmax(logits + noise) over the tokens kept by top-k
-  (0: off) then top-p (1: off; 0 keeps only the largest value and its ties, as the XLA filter
-  does). logits and noise are read as float32."""
+  (0: off) then top-p (1: off; 0 keeps only the largest value, with its ties, where the XLA
+  filter keeps one of them). logits and noise are read as float32."""
   if logits.ndim != 2 or noise.shape != logits.shape:
     raise ValueError(f"logits and noise must be one [B, V] shape, got {logits.shape}, "
                      f"{noise.shape}")
