@@ -498,7 +498,7 @@ def test_cached_sampling_equals_full_recompute(model_and_params):
     np.testing.assert_array_equal(sampling.sample(model, params, labels, rng=rng,
                                                   decode_kernels=kernels, **SAMPLE_KW), full)
   # The attention of each step as nn/decode_attention's kernel (one decoding loop by default);
-  # Llama's norms folded into the kernels after them; the token drawn by nn/filtered_draw's kernel.
+  # Llama's second norm folded into gate / up; the token drawn by nn/filtered_draw's kernel.
   pallas = model.clone(decode_step="pallas")
   assert sampling.default_cache_segments(256, "pallas") == 1
   for kernels, draw in (("separate", "xla"), ("fused_cublas", "pallas"), ("folded", "xla"),

@@ -28,8 +28,10 @@ filters' other ops and the draw about 17 us more, at every sampling step (about 
 Measured on an H100 (5 Dec 2026; Llama medium, batch 64 with CFG, 256 tokens): 22.7 us per step
 (about 0.35 us per halving: the serial reductions, not memory, bound it), the sampler 365.7
 against 372.3 ms per batch with XLA's draw, the same tokens; `proposal/sampling.sample` draws with
-it on GPUs (draw="auto"). Not yet tried on a GPU: stopping each search once its kept set is
-settled (an exact top-k count; no key left inside the nucleus interval), or 3 thresholds per pass.
+it on GPUs (draw="auto"). Tried on an H100 (6 Dec) and slower: searches testing 4, 8, 16 or 32
+keys a pass (one reduction over [ways, V]): 30 to 87 us alone, 374 to 392 against 372.9 ms per
+batch in the sampler. Not yet tried: stopping each search once its kept set is settled (an
+exact top-k count; no key left inside the nucleus interval).
 On GPUs the kernel is compiled by Pallas' Triton backend (V padded to a power of two with
 -inf); elsewhere it runs in Pallas' interpret mode.
 """

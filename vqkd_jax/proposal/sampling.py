@@ -206,12 +206,12 @@ def _segmented_fori_loop(lo, hi, body, carry, *, cache_length, segments):
 
 def _decoding_variables(model, variables, fuse: bool, fold_norms: bool):
   """The sampler's copy of the variables: the kernels fused for decoding if `fuse` (in float32;
-  with `fold_norms`, a Llama's RMSNorm scales folded in where its steps run the Pallas kernels),
-  then the floats cast to the model's dtype once."""
+  with `fold_norms`, a Llama's second RMSNorm scale folded into gate / up where its steps run the
+  Pallas kernels: DECODE_KERNELS "folded"), then the floats cast to the model's dtype once."""
   if fuse:
     fold = (fold_norms and model.flavour == "llama" and model.decode_step_path() == "pallas"
             and rms_norm_lib.fits(model.width))
-    variables = ar_lib.fuse_for_decoding(variables, fold_norms=fold)
+    variables = ar_lib.fuse_for_decoding(variables, fold_norms=("norm2",) if fold else False)
   return cast_floats(variables, model.dtype)
 
 
@@ -282,14 +282,15 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75 / without)
 # with the Pallas decoding step (model.decode_step): separate 137 / 188, fused 145 / 205,
 # fused_cublas 167 / 212, the default; with XLA's ops (the einsum attention in 4 cache segments)
-# 123 / 184, 125 / 186, 142 / 181. "folded" is fused_cublas with a Llama's RMSNorm scales folded
-# into the kernels after them where the steps run the Pallas kernels (ar.fuse_for_decoding
-# (fold_norms=True)): a block's two RMSNorm kernels and its SwiGLU fusion become one kernel.
-# Measured on an H100 (Pallas step and draw), it was slower: 376.9 against 365.7 ms per batch;
-# per layer and step the attention kernel took 1.8 us more with the norm inside (30.6 us), the
-# norm + SwiGLU kernel (then one program per row) 4.3 us against 3.4 for the norm and the
-# fusion it replaced, and the GEMMs' float32 outputs 0.7 us more. So it is not the default. (The
-# norm + SwiGLU kernel now runs a program per row and 512 columns; not yet measured.)
+# 123 / 184, 125 / 186, 142 / 181. "folded" is fused_cublas with a Llama's second RMSNorm scale
+# folded into the gate / up kernel where the steps run the Pallas kernels (ar.fuse_for_decoding
+# (fold_norms=("norm2",))): the block's norm2 kernel and SwiGLU fusion become one kernel
+# (rms_norm.rms_scaled_swiglu) on the GEMM's float32 output. On an H100 (6 Dec 2026, Llama
+# medium, CFG, batch 64, Pallas step): 373.4 against 376.5 ms per batch on one machine (both
+# with a slower draw kernel tried that day); not yet the default, as its tokens are checked
+# against the unfolded path on the CPU only. Folding both norms (norm1 too, its rows' rsqrt then
+# applied in the attention kernel) was slower on an H100 (5 Dec): 376.9 against 365.7 ms, the
+# attention kernel taking 1.8 us more per layer and step with the norm inside.
 DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
 # How a step draws its token (`sample(draw=...)`): "xla", top_k_top_p_filter's sort and
 # jax.random.categorical; "pallas", nn/filtered_draw.py's kernel on the same Gumbel noise (the same
