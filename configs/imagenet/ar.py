@@ -69,7 +69,7 @@ def get_config(arg=None):
   # and random codes of this grid and codebook, no tokenizer; `bench sample` times each layout of
   # the decoding kernels (proposal/sampling.DECODE_KERNELS) with each way of running a decoding
   # step (model.decode_step: the Pallas kernels, XLA's ops) and of drawing a token
-  # (sampling.DRAWS; "auto": the kernel on GPUs). To compare the norms folded and both draws:
+  # (sampling.DRAWS; "auto": the kernel on GPUs). To compare norm2 folded and both draws:
   # --config.bench.decode_kernels='("fused_cublas","folded")' --config.bench.draw='("xla","pallas")'
   c.bench = ml_collections.ConfigDict(dict(grid=16, codebook_size=8192, decode_kernels=(
       "separate", "fused", "fused_cublas"), decode_step=("pallas", "xla"), draw=("auto",)))
