@@ -277,6 +277,7 @@ def test_cosine_distillation_loss_closed_form():
 # ------------------------------------------------------------------------------ Other modules
 
 
+@pytest.mark.slow   # 33 s in the suite (three jit compiles for shapes)
 def test_pixel_decoder_teacher_and_evaluator_shapes():
   def run(module, x):
     return jax.jit(lambda x: module.apply(module.init(jax.random.PRNGKey(0), x), x))(x)

@@ -301,6 +301,7 @@ def test_loss_decreases_on_a_fixed_batch(workdirs, arg):
   assert losses[-1] < 0.8 * losses[0] and losses[-1] < min(losses[:5])
 
 
+@pytest.mark.slow   # 51 s in the suite; test_nar.py runs the class-conditional NAR stage's loop
 def test_nar_stage_trains_through_the_loop_and_samples(workdirs, tmp_path):
   """proposal=nar with cross-attention through the shared loop: masked-token validation with the
   captions and the null caption, the sample files; load_t2i gives the NAR model and its decoding
