@@ -69,10 +69,12 @@ def get_config(arg=None):
   # and random codes of this grid and codebook, no tokenizer; `bench sample` times each layout of
   # the decoding kernels (proposal/sampling.DECODE_KERNELS) with each way of running a decoding
   # step (model.decode_step: the Pallas kernels, XLA's ops) and of drawing a token
-  # (sampling.DRAWS; "auto": the kernel on GPUs). To compare norm2 folded and both draws:
-  # --config.bench.decode_kernels='("fused_cublas","folded")' --config.bench.draw='("xla","pallas")'
+  # (sampling.DRAWS; "auto": the kernel on GPUs). To compare the default (norm2 folded) with the
+  # unfolded layout, and both draws: --config.bench.decode_kernels='("folded","fused_cublas")'
+  # --config.bench.draw='("xla","pallas")'
   c.bench = ml_collections.ConfigDict(dict(grid=16, codebook_size=8192, decode_kernels=(
-      "separate", "fused", "fused_cublas"), decode_step=("pallas", "xla"), draw=("auto",)))
+      "separate", "fused", "fused_cublas", "folded"), decode_step=("pallas", "xla"),
+      draw=("auto",)))
   c.optimizer = optimizer_config(lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                                  schedule="cosine", end_lr=0.0, decay="all")
   c.parallel.strategy = "fsdp"

@@ -281,16 +281,18 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # (Llama medium, CFG, batch 64, one seed; a GPU's GEMMs could round bf16 differently between
 # layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75 / without)
 # with the Pallas decoding step (model.decode_step): separate 137 / 188, fused 145 / 205,
-# fused_cublas 167 / 212, the default; with XLA's ops (the einsum attention in 4 cache segments)
-# 123 / 184, 125 / 186, 142 / 181. "folded" is fused_cublas with a Llama's second RMSNorm scale
-# folded into the gate / up kernel where the steps run the Pallas kernels (ar.fuse_for_decoding
-# (fold_norms=("norm2",))): the block's norm2 kernel and SwiGLU fusion become one kernel
-# (rms_norm.rms_scaled_swiglu) on the GEMM's float32 output. On an H100 (6 Dec 2026, Llama
-# medium, CFG, batch 64, Pallas step): 373.4 against 376.5 ms per batch on one machine (both
-# with a slower draw kernel tried that day); not yet the default, as its tokens are checked
-# against the unfolded path on the CPU only. Folding both norms (norm1 too, its rows' rsqrt then
-# applied in the attention kernel) was slower on an H100 (5 Dec): 376.9 against 365.7 ms, the
-# attention kernel taking 1.8 us more per layer and step with the norm inside.
+# fused_cublas 167 / 212; with XLA's ops (the einsum attention in 4 cache segments)
+# 123 / 184, 125 / 186, 142 / 181. "folded", the default, is fused_cublas with a Llama's second
+# RMSNorm scale folded into the gate / up kernel where the steps run the Pallas kernels
+# (ar.fuse_for_decoding(fold_norms=("norm2",))): the block's norm2 kernel and SwiGLU fusion become
+# one kernel (rms_norm.rms_scaled_swiglu) on the GEMM's float32 output; elsewhere (other models,
+# XLA's step) it is fused_cublas. On three H100s (6 Dec 2026, Llama medium, CFG, batch 64, Pallas
+# step and draw, each pair in one process): 362.3 against 365.9, 370.1 against 371.5 and 365.0
+# against 366.0 ms per batch, the same tokens as fused_cublas in bfloat16 (64 images of 256
+# tokens, random weights; within rounding in tests/test_ar.py). Folding both norms (norm1 too,
+# its rows' rsqrt then applied in the attention kernel) was slower on an H100 (5 Dec): 376.9
+# against 365.7 ms, the attention kernel taking 1.8 us more per layer and step with the norm
+# inside.
 DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
 # How a step draws its token (`sample(draw=...)`): "xla", top_k_top_p_filter's sort and
 # jax.random.categorical; "pallas", nn/filtered_draw.py's kernel on the same Gumbel noise (the same
@@ -341,7 +343,7 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
            num_classes: int, codebook_size: int, rng: jax.Array,
            cfg_scale: float | None = 1.75, temperature: float = 1.0, top_k: int | None = 600,
            top_p: float | None = 0.92, example_offset: int = 0,
-           cache_segments: int | None = None, decode_kernels: str = "fused_cublas",
+           cache_segments: int | None = None, decode_kernels: str = "folded",
            draw: str = "auto") -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) for class labels [B].
 
@@ -354,8 +356,8 @@ def sample(model: ar_lib.ARTransformer, params, labels, *, num_image_tokens: int
   the tokens with a KV cache, `cache_segments` of them, each attending only to the part of the
   cache filled by its end (1: one loop over a full-length cache; more compile a loop body each;
   None: default_cache_segments, 1 with model.decode_step's Pallas kernel, which reads only
-  the filled cache anyway). decode_kernels: one of DECODE_KERNELS (the same tokens; "folded"
-  within rounding). draw: one of DRAWS (the same tokens).
+  the filled cache anyway). decode_kernels: one of DECODE_KERNELS (the same tokens; "folded",
+  the default, within rounding). draw: one of DRAWS (the same tokens).
   """
   if num_image_tokens + 1 > model.seq_len:
     raise ValueError(f"{num_image_tokens} image tokens do not fit seq_len {model.seq_len}")
@@ -492,7 +494,7 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
                        top_k: int | None = 600, top_p: float | None = 0.92,
                        example_offset: int = 0, context=None, context_mask=None,
                        uncond_context=None, cache_segments: int | None = None,
-                       decode_kernels: str = "fused_cublas", draw: str = "auto") -> jax.Array:
+                       decode_kernels: str = "folded", draw: str = "auto") -> jax.Array:
   """Image code indices int32 [B, num_image_tokens] in [0, codebook_size) after prefix embeddings
   [B, P, width] (model.vocab_size == codebook_size: image token t has id t).
 
