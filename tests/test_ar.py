@@ -805,13 +805,33 @@ def test_imagenet_ar_bench_train_and_sample_runlocal(variant, capsys):
   assert cli.main(["bench", "sample", "--config", spec, "--steps", "1"]) == 0
   out = capsys.readouterr().out
   assert "| ar " in out and "| ar sampling " in out
-  # The opt-in decoding kernels: folded norms and the Pallas draw (interpret mode here).
+  # The folded norms (the default) with the Pallas step and draw (interpret mode here).
   assert cli.main(["bench", "sample", "--config", spec, "--steps", "1",
                    "--config.bench.decode_kernels=('folded',)",
                    "--config.bench.decode_step=('pallas',)", "--config.bench.draw=('pallas',)"]) == 0
   rows = [[c.strip() for c in r.split("|")] for r in capsys.readouterr().out.splitlines()
           if "| ar sampling " in r]
   assert len(rows) == 2 and all("folded" in r and r.count("pallas") == 2 for r in rows), rows
+
+
+def test_bench_sampling_draws_the_zero_initialised_llama_head():
+  """The Llama head starts at zero (every logit equal: the draw would be trivial); the sampling
+  bench draws it from N(0, 0.02^2) and leaves every other variable, and a non-zero head, alone."""
+  from vqkd_jax.api import _spread_head
+
+  rng = np.random.default_rng(0)
+  variables = {"params": {"head": {"kernel": jnp.zeros((256, 512), jnp.bfloat16)},
+                          "block_0": {"w": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)}},
+               "decode": {"x": jnp.ones(3)}}
+  spread = _spread_head(variables)
+  kernel = np.asarray(spread["params"]["head"]["kernel"], np.float32)
+  assert spread["params"]["head"]["kernel"].dtype == jnp.bfloat16
+  assert abs(kernel.std() - 0.02) < 0.001 and abs(kernel.mean()) < 0.001
+  np.testing.assert_array_equal(spread["params"]["block_0"]["w"], variables["params"]["block_0"]["w"])
+  np.testing.assert_array_equal(spread["decode"]["x"], variables["decode"]["x"])
+  assert _spread_head(spread)["params"]["head"]["kernel"] is spread["params"]["head"]["kernel"]
+  gpt2 = {"params": {"token_embed": {"embedding": jnp.ones((4, 2))}}}    # tied: no head
+  assert _spread_head(gpt2) is gpt2
 
 
 def test_ar_stage_starts_from_the_gpt2_checkpoint(tmp_path):

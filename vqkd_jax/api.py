@@ -470,6 +470,20 @@ def _check_bench_group(config) -> None:
                       f"configs/demo/nar.py and configs/imagenet/nar.py have")
 
 
+def _spread_head(variables, std: float = 0.02):
+  """variables with a zero-initialised output head (the Llama flavour's, as LlamaGen's) drawn from
+  N(0, std^2) instead, as the GPT-2 flavour's: with every logit equal, the filtered draw's
+  searches end at once (nn/filtered_draw.py) and a benchmark would time a step no trained model
+  takes."""
+  head = variables.get("params", {}).get("head")
+  if head is None or bool(jnp.any(head["kernel"])):
+    return variables
+  kernel = head["kernel"]
+  spread = std * jax.random.normal(jax.random.PRNGKey(1), kernel.shape, jnp.float32)
+  params = {**variables["params"], "head": {**head, "kernel": spread.astype(kernel.dtype)}}
+  return {**variables, "params": params}
+
+
 def _random_variables(init_fn):
   """init_fn(rng) -> variables, unboxed, on the default device; computed where the training loop
   computes its initial state (train/loop.init_sharded: on the host on GPUs, whose compiler takes
@@ -502,7 +516,9 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   rows with config.sampling's CFG and filters and rows without guidance (half the rows per step),
   one per decoding-kernel layout of config.bench.decode_kernels (default: every one of
   sampling.DECODE_KERNELS), decoding step of config.bench.decode_step (default: the model's
-  decode_step) and way of drawing of config.bench.draw (default: "auto", the kernel on GPUs)."""
+  decode_step) and way of drawing of config.bench.draw (default: "auto", the kernel on GPUs). A
+  zero-initialised head (Llama's) is drawn at random (`_spread_head`): equal logits would time a
+  draw no trained model takes."""
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, resolve_draw, sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -512,8 +528,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   model = ar_stage.build_model(config.model, num_classes=config.data.num_classes,
                                codebook_size=config.bench.codebook_size,
                                num_image_tokens=num_tokens, precision=config.precision)
-  params = _random_variables(
-      lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False))
+  params = _spread_head(_random_variables(
+      lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False)))
   labels = jnp.arange(b) % config.data.num_classes
   rows = []
   decode_steps = config.bench.get("decode_step", (model.decode_step,))
