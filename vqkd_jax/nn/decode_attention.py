@@ -19,7 +19,9 @@ mode (slow: for tests). `resolve` gives the path of an `implementation` setting.
 
 Measured on an H100 (5 Dec 2026), Llama medium (16 heads of 64), 256 image tokens, batch 64 with
 CFG (128 rows), bf16, `decode_kernels="fused_cublas"`: 157.6 images/s against 141.6 with the
-einsums in 4 cache segments (the same tokens for one seed), first call 5.4 s against 21.8 s. The
+einsums in 4 cache segments (the same tokens for one seed, but with the zero-initialised head's
+equal logits: no test of the kernel; tests/test_decode_attention.py is), first call 5.4 s
+against 21.8 s. The
 kernel then takes 28.6 us per layer and step on average (2.3 TB/s of the cache read), 44% of the
 sampling time. Turning q / k in the kernel (instead of an XLA fusion before it) left that at
 28.7 us and saved the fusion's 1.7 us per layer and step; with nn/rms_norm.py's kernel for the

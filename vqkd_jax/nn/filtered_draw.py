@@ -26,17 +26,17 @@ Why: `lax.top_k` (k = 600 of V = 8,192, 64 rows) is a sort taking 33 us of an H1
 filters' other ops and the draw about 17 us more, at every sampling step (about 13 ms of a
 384 ms batch of Llama medium with CFG). The kernel does 64 masked reductions per row instead.
 Measured on an H100 (5 Dec 2026; Llama medium, batch 64 with CFG, 256 tokens): 22.7 us per step
-(about 0.35 us per halving: the serial reductions, not memory, bound it), the sampler 365.7
-against 372.3 ms per batch with XLA's draw, the same tokens; `proposal/sampling.sample` draws with
-it on GPUs (draw="auto"). Tried on an H100 (6 Dec) and slower: searches testing 4, 8, 16 or 32
-keys a pass (one reduction over [ways, V]): 30 to 87 us alone, 374 to 392 against 372.9 ms per
-batch in the sampler. Tried on 6 Dec and not adopted: stopping each search once its kept set is
-settled (a top-k count of exactly k; no key left inside the nucleus interval). The same tokens;
-alone on rows of N(0, s^2) logits (s = 1, 3, 10) 26.7 to 28.3 against 23.2 us with the nucleus
-check as a second reduction; in the sampler (H200, the head drawn from N(0, 0.1^2)) 340.4 against
-340.8 ms per batch with it packed into the mass's pass. It was 5.2 against 22.7 us per step
-only where every logit is equal (a zero-initialised Llama head: api.bench_sampling now draws
-that head at random, so the benchmark times the searches a trained model needs).
+(about 0.35 us per halving: the serial reductions, not memory, bound it), the sampler 365.7 against
+372.3 ms per batch with XLA's draw (the same tokens, on the equal logits of a zero head);
+`proposal/sampling.sample` draws with it on GPUs (draw="auto"). Tried on an H100 (6 Dec) and slower:
+searches testing 4, 8, 16 or 32 keys a pass (one reduction over [ways, V]): 30 to 87 us alone, 374
+to 392 against 372.9 ms per batch in the sampler. Tried on 6 Dec and not adopted: stopping each
+search once its kept set is settled (a top-k count of exactly k; no key left inside the nucleus
+interval). The same tokens; alone on rows of N(0, s^2) logits (s = 1, 3, 10) 26.7 to 28.3 against
+23.2 us with the nucleus check as a second reduction; in the sampler (H200, the head drawn from N(0,
+0.1^2)) 340.4 against 340.8 ms per batch with it packed into the mass's pass. It was 5.2 against
+22.7 us per step only where every logit is equal (a zero-initialised Llama head: api.bench_sampling
+now draws that head at random, so the benchmark times the searches a trained model needs).
 On GPUs the kernel is compiled by Pallas' Triton backend (V padded to a power of two with
 -inf); elsewhere it runs in Pallas' interpret mode.
 """

@@ -10,9 +10,9 @@ against XLA's defaults in the same session):
     8 steps, batch 64) 463 -> 509 images/s without CFG, 247 -> 263 with (the whole process under
     the flag: 523 / 272). AR sampling with its KV cache: slower with the model's own q/k/v
     kernels (141 -> 132), faster with them laid out as one kernel (sampling.DECODE_KERNELS
-    "fused_cublas" and "folded", the default: 125.0 -> 141.8 on an H100 with CFG and the einsum attention,
-    134 -> 158 with the Pallas one). The VQ-KD, GPT-2 and Llama training steps are unchanged
-    (38.3 -> 38.8%, 32.9 -> 32.8%, 51.1 -> 51.1% MFU).
+    "fused_cublas", and "folded", the default: 125.0 -> 141.8 on an H100 with CFG and the
+    einsum attention, 134 -> 158 with the Pallas one). The VQ-KD, GPT-2 and Llama training
+    steps are unchanged (38.3 -> 38.8%, 32.9 -> 32.8%, 51.1 -> 51.1% MFU).
   NCHW_CONVS: cuDNN convolutions in NCHW layout. The FID Inception in exact float32 (batch 256)
     2,289 -> 2,796 images/s; float32 cuDNN kernels without tensor cores are faster in NCHW.
   FAST_COMPILE: LLVM at -O1 instead of -O2, for programs that run once (the training state's

@@ -277,29 +277,31 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # model is trained (XLA's dot merger may fuse q/k/v and gate/up itself, concatenating the weights
 # in the loop), "fused" with ar.fuse_for_decoding's kernels laid out once before the loop, and
 # "fused_cublas" the same through cuBLAS GEMMs (xla_options.CUBLAS_GEMMS) instead of Triton.
-# The same tokens on every path in tests/test_ar.py (CPU, float32), and on an H100 in bfloat16
-# (Llama medium, CFG, batch 64, one seed; a GPU's GEMMs could round bf16 differently between
-# layouts). Measured there (5 Dec 2026, `vqkd bench sample`, images/s with CFG 1.75 / without)
-# with the Pallas decoding step (model.decode_step): separate 137 / 188, fused 145 / 205,
-# fused_cublas 167 / 212; with XLA's ops (the einsum attention in 4 cache segments)
-# 123 / 184, 125 / 186, 142 / 181. "folded", the default, is fused_cublas with a Llama's second
-# RMSNorm scale folded into the gate / up kernel where the steps run the Pallas kernels
-# (ar.fuse_for_decoding(fold_norms=("norm2",))): the block's norm2 kernel and SwiGLU fusion become
-# one kernel (rms_norm.rms_scaled_swiglu) on the GEMM's float32 output; elsewhere (other models,
-# XLA's step) it is fused_cublas. On three H100s (6 Dec 2026, Llama medium, CFG, batch 64, Pallas
-# step and draw, each pair in one process): 362.3 against 365.9, 370.1 against 371.5 and 365.0
-# against 366.0 ms per batch, the same tokens as fused_cublas in bfloat16 (64 images of 256
-# tokens, random weights; within rounding in tests/test_ar.py). Folding both norms (norm1 too,
-# its rows' rsqrt then applied in the attention kernel) was slower on an H100 (5 Dec): 376.9
-# against 365.7 ms, the attention kernel taking 1.8 us more per layer and step with the norm
-# inside.
+# The same tokens on every path in tests/test_ar.py (CPU, float32, random weights everywhere). The
+# H100 checks in bfloat16 recorded here and below (Llama medium, CFG, batch 64, one seed) ran with
+# the zero-initialised Llama head: every logit was 0 and the tokens came from the noise alone, so
+# they did not test the layouts' numerics (found 6 Dec 2026; `vqkd bench sample` now draws that head
+# at random). A GPU's GEMMs may round bf16 differently between layouts. Measured there (5 Dec 2026,
+# `vqkd bench sample`, images/s with CFG 1.75 / without) with the Pallas decoding step
+# (model.decode_step): separate 137 / 188, fused 145 / 205, fused_cublas 167 / 212; with XLA's ops
+# (the einsum attention in 4 cache segments) 123 / 184, 125 / 186, 142 / 181. "folded", the default,
+# is fused_cublas with a Llama's second RMSNorm scale folded into the gate / up kernel where the
+# steps run the Pallas kernels (ar.fuse_for_decoding(fold_norms=("norm2",))): the block's norm2
+# kernel and SwiGLU fusion become one kernel (rms_norm.rms_scaled_swiglu) on the GEMM's float32
+# output; elsewhere (other models, XLA's step) it is fused_cublas. On three H100s (6 Dec 2026, Llama
+# medium, CFG, batch 64, Pallas step and draw, each pair in one process): 362.3 against 365.9, 370.1
+# against 371.5 and 365.0 against 366.0 ms per batch (equal within rounding in tests/test_ar.py; the
+# equal tokens of those runs are void: the zero head above). Folding both norms (norm1 too, its
+# rows' rsqrt then applied in the attention kernel) was slower on an H100 (5 Dec): 376.9 against
+# 365.7 ms, the attention kernel taking 1.8 us more per layer and step with the norm inside.
 DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
 # How a step draws its token (`sample(draw=...)`): "xla", top_k_top_p_filter's sort and
 # jax.random.categorical; "pallas", nn/filtered_draw.py's kernel on the same Gumbel noise (the same
 # tokens); "auto", the kernel on GPUs and XLA's ops elsewhere (Pallas' interpret mode is slow).
 # Measured on an H100 (Llama medium, batch 64 with CFG, 256 tokens, bf16, fused_cublas and the
-# Pallas step): 365.7 against 372.3 ms per batch, 175.0 against 171.9 images/s, the same tokens;
-# the kernel takes 22.7 us per step where the sort and the filters took 50 us.
+# Pallas step): 365.7 against 372.3 ms per batch, 175.0 against 171.9 images/s (the same tokens
+# with equal logits there; tests/test_filtered_draw.py checks the kept sets and draws); the
+# kernel takes 22.7 us per step where the sort and the filters took 50 us.
 DRAWS = ("auto", "xla", "pallas")
 
 
