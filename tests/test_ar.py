@@ -812,6 +812,15 @@ def test_imagenet_ar_bench_train_and_sample_runlocal(variant, capsys):
   rows = [[c.strip() for c in r.split("|")] for r in capsys.readouterr().out.splitlines()
           if "| ar sampling " in r]
   assert len(rows) == 2 and all("folded" in r and r.count("pallas") == 2 for r in rows), rows
+  assert all(r[-2] == "ref" for r in rows), rows         # "same tokens": one row per guidance
+  # Two layouts of the weights (float32 here): the second row of each guidance setting draws the
+  # tokens of the first (a spread head: with the zero-initialised one any path would).
+  assert cli.main(["bench", "sample", "--config", spec, "--steps", "1",
+                   "--config.bench.decode_kernels=('separate','fused_cublas')",
+                   "--config.bench.decode_step=('xla',)", "--config.bench.draw=('xla',)"]) == 0
+  rows = [[c.strip() for c in r.split("|")] for r in capsys.readouterr().out.splitlines()
+          if "| ar sampling " in r]
+  assert [r[-2] for r in rows] == ["ref", "1.000", "ref", "1.000"], rows
 
 
 def test_bench_sampling_draws_the_zero_initialised_llama_head():

@@ -518,7 +518,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   sampling.DECODE_KERNELS), decoding step of config.bench.decode_step (default: the model's
   decode_step) and way of drawing of config.bench.draw (default: "auto", the kernel on GPUs). A
   zero-initialised head (Llama's) is drawn at random (`_spread_head`): equal logits would time a
-  draw no trained model takes."""
+  draw no trained model takes, and would give every path the same tokens. "same tokens": the
+  fraction of seed 0's tokens equal to those of the first row with the same guidance ("ref")."""
   from vqkd_jax.proposal.sampling import DECODE_KERNELS, resolve_draw, sample
   from vqkd_jax.train import ar as ar_stage
 
@@ -531,7 +532,7 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
   params = _spread_head(_random_variables(
       lambda rng: model.init(rng, jnp.zeros((1, 1 + num_tokens), jnp.int32), train=False)))
   labels = jnp.arange(b) % config.data.num_classes
-  rows = []
+  rows, first_tokens = [], {}
   decode_steps = config.bench.get("decode_step", (model.decode_step,))
   for cfg, step, kernels, draw in itertools.product(
       dict.fromkeys((config.sampling.cfg_scale, None)), decode_steps,
@@ -543,14 +544,18 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
                               rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
                               top_k=config.sampling.top_k, top_p=config.sampling.top_p,
                               decode_kernels=kernels, draw=draw)
-    compile_s, seconds = _time_calls(run, steps)
+    outputs = {}
+    compile_s, seconds = _time_calls(lambda seed: outputs.setdefault(seed, run(seed)), steps)
+    tokens = np.asarray(outputs[0])
+    same = (f"{np.mean(tokens == first_tokens[cfg]):.3f}" if cfg in first_tokens else "ref")
+    first_tokens.setdefault(cfg, tokens)
     rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
                  "precision": config.precision, "batch": b, "tokens": num_tokens,
                  "cfg": cfg or "off", "top_k": config.sampling.top_k,
                  "top_p": config.sampling.top_p, "kernels": kernels,
                  "decode_step": decoder.decode_step_path(), "draw": resolve_draw(draw),
                  "first call s": f"{compile_s:.1f}", "seconds/batch": f"{seconds:.3f}",
-                 "images/s": f"{b / seconds:.0f}"})
+                 "images/s": f"{b / seconds:.0f}", "same tokens": same})
   return rows
 
 
