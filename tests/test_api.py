@@ -372,3 +372,36 @@ def test_runlocal_demo_for_both_kinds(tmp_path_factory, tmp_path):
   assert cli.main(["sample", "--workdir", str(run), "--kind", "nar", "--labels", "0,1",
                    "--per_label", "2", "--out", str(out)]) == 0
   assert out.stat().st_size > 0
+
+
+def test_ar_samples_split_over_devices_equal_one_device(tiny, ar_gen, tmp_path):
+  """With several local devices the AR generator splits each chunk's rows over them (padded to a
+  multiple of the device count): in a process with 8 CPU devices, the tokens of this
+  one-device process, for a list longer than one chunk and one shorter than the device count."""
+  import subprocess
+  import sys
+  import textwrap
+
+  labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+  want = {"long": ar_gen.sample_tokens(labels, seed=4, top_k=20, top_p=0.9, batch_size=8),
+          "short": ar_gen.sample_tokens(labels[:3], seed=4, top_k=20, top_p=0.9)}
+  assert len(np.unique(want["long"])) > 5        # the tokens depend on the network and the labels
+  out = tmp_path / "tokens.npz"
+  code = textwrap.dedent(f"""
+      import numpy as np
+      from vqkd_jax import api
+      gen = api.Generator.from_checkpoint({str(tiny / "ar")!r})
+      assert api._local_data_mesh().size == 8
+      np.savez({str(out)!r},
+               long=gen.sample_tokens({labels}, seed=4, top_k=20, top_p=0.9, batch_size=8),
+               short=gen.sample_tokens({labels[:3]}, seed=4, top_k=20, top_p=0.9))
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=root)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got = dict(np.load(out))
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -22,6 +23,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqkd_jax.train.common import to_uint8
+
+
+def _local_data_mesh():
+  """A 1-D "data" mesh of this process's devices when there are several and one process (the
+  Generator's data-parallel sampling), else None."""
+  devices = jax.local_devices()
+  if len(devices) < 2 or jax.process_count() > 1:
+    return None
+  return _mesh_of(tuple(devices))
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh_of(devices):
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def _split_rows(rows: np.ndarray, mesh) -> jax.Array:
+  """int32 rows on one device (mesh None), or padded to a multiple of the mesh size and split
+  over its "data" axis (the padded rows' samples are past the caller's rows and dropped)."""
+  if mesh is None:
+    return jnp.asarray(rows)
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  rows = np.pad(rows, (0, -len(rows) % mesh.size))
+  return jax.device_put(rows, NamedSharding(mesh, PartitionSpec("data")))
 
 
 class Tokenizer:
@@ -357,7 +383,11 @@ class Generator:
     All kinds: cfg_scale (1 or None: no guidance), temperature (0: argmax). AR (and T2I with an
     AR network): top_k (0: off), top_p (1: off). NAR (and T2I with a NAR network): steps and
     choice_temperature (default: the stage config's sampling group; its cfg_schedule applies). A
-    setting the network does not use, ints for t2i or strings for ar / nar raise SamplingError."""
+    setting the network does not use, ints for t2i or strings for ar / nar raise SamplingError.
+
+    AR: with several local devices (one process), each chunk's rows are split over them
+    (data-parallel, `sampling.batch_split`; chunks padded to a multiple of the device count), the
+    parameters replicated once: the same tokens as on one device."""
     from vqkd_jax.proposal import nar as nar_lib
     from vqkd_jax.proposal.sampling import sample as ar_sample
 
@@ -397,8 +427,10 @@ class Generator:
       if steps is not None or choice_temperature is not None:
         raise SamplingError("steps and choice_temperature set NAR decoding; AR sampling draws one "
                             "token per step and does not use them")
+      mesh = _local_data_mesh()
+      variables = self.variables if mesh is None else self._replicated(mesh)
       draw = lambda chunk, rng, start: ar_sample(
-          self.model, self.variables, chunk, num_image_tokens=num_tokens,
+          self.model, variables, _split_rows(chunk, mesh), num_image_tokens=num_tokens,
           num_classes=self.num_classes, codebook_size=self.codebook_size, rng=rng,
           cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
           example_offset=start)
@@ -409,9 +441,18 @@ class Generator:
       n = len(chunk)
       # Every chunk of a long list has batch_size rows (one compilation); padded rows are dropped.
       padded = np.pad(chunk, (0, batch_size - n)) if len(labels) > batch_size else chunk
-      out.append(np.asarray(draw(jnp.asarray(padded), rng, start))[:n])
+      out.append(np.asarray(draw(padded, rng, start))[:n])
     tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
     return tokens.reshape(-1, *self.grid)
+
+  def _replicated(self, mesh):
+    """self.variables on every device of `mesh` (once per mesh)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if getattr(self, "_replicas", (None,))[0] is not mesh:
+      self._replicas = (mesh, jax.device_put(self.variables,
+                                             NamedSharding(mesh, PartitionSpec())))
+    return self._replicas[1]
 
   def _nar_settings(self, top_k, top_p, steps, choice_temperature) -> dict:
     """NAR decoding settings: the stage config's (steps, cfg_schedule, choice_temperature) unless
