@@ -374,27 +374,34 @@ def test_runlocal_demo_for_both_kinds(tmp_path_factory, tmp_path):
   assert out.stat().st_size > 0
 
 
-def test_ar_samples_split_over_devices_equal_one_device(tiny, ar_gen, tmp_path):
-  """With several local devices the AR generator splits each chunk's rows over them (padded to a
-  multiple of the device count): in a process with 8 CPU devices, the tokens of this
+def test_samples_split_over_devices_equal_one_device(tiny, ar_gen, nar_gen, tmp_path):
+  """With several local devices the AR and NAR generators split each chunk's rows over them
+  (padded to a multiple of the device count): in a process with 8 CPU devices, the tokens of this
   one-device process, for a list longer than one chunk and one shorter than the device count."""
   import subprocess
   import sys
   import textwrap
 
   labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
-  want = {"long": ar_gen.sample_tokens(labels, seed=4, top_k=20, top_p=0.9, batch_size=8),
-          "short": ar_gen.sample_tokens(labels[:3], seed=4, top_k=20, top_p=0.9)}
-  assert len(np.unique(want["long"])) > 5        # the tokens depend on the network and the labels
+  ar_kw, nar_kw = dict(seed=4, top_k=20, top_p=0.9), dict(seed=4, steps=3)
+  want = {"ar_long": ar_gen.sample_tokens(labels, batch_size=8, **ar_kw),
+          "ar_short": ar_gen.sample_tokens(labels[:3], **ar_kw),
+          "nar_long": nar_gen.sample_tokens(labels, batch_size=8, **nar_kw),
+          "nar_short": nar_gen.sample_tokens(labels[:3], **nar_kw)}
+  for key in ("ar_long", "nar_long"):   # the tokens depend on the network and the labels
+    assert len(np.unique(want[key])) > 5, key
   out = tmp_path / "tokens.npz"
   code = textwrap.dedent(f"""
       import numpy as np
       from vqkd_jax import api
-      gen = api.Generator.from_checkpoint({str(tiny / "ar")!r})
+      ar = api.Generator.from_checkpoint({str(tiny / "ar")!r})
+      nar = api.Generator.from_checkpoint({str(tiny)!r}, kind="nar")
       assert api._local_data_mesh().size == 8
       np.savez({str(out)!r},
-               long=gen.sample_tokens({labels}, seed=4, top_k=20, top_p=0.9, batch_size=8),
-               short=gen.sample_tokens({labels[:3]}, seed=4, top_k=20, top_p=0.9))
+               ar_long=ar.sample_tokens({labels}, batch_size=8, **{ar_kw!r}),
+               ar_short=ar.sample_tokens({labels[:3]}, **{ar_kw!r}),
+               nar_long=nar.sample_tokens({labels}, batch_size=8, **{nar_kw!r}),
+               nar_short=nar.sample_tokens({labels[:3]}, **{nar_kw!r}))
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",

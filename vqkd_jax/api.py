@@ -385,9 +385,10 @@ class Generator:
     choice_temperature (default: the stage config's sampling group; its cfg_schedule applies). A
     setting the network does not use, ints for t2i or strings for ar / nar raise SamplingError.
 
-    AR: with several local devices (one process), each chunk's rows are split over them
-    (data-parallel, `sampling.batch_split`; chunks padded to a multiple of the device count), the
-    parameters replicated once: the same tokens as on one device."""
+    ar / nar: with several local devices (one process), each chunk's rows are split over them
+    (data-parallel; chunks padded to a multiple of the device count), the parameters replicated
+    once: the same tokens as on one device. AR decodes each device's rows in its own loop
+    (`sampling.batch_split`), NAR lets XLA's partitioner split its jitted decoding by the rows."""
     from vqkd_jax.proposal import nar as nar_lib
     from vqkd_jax.proposal.sampling import sample as ar_sample
 
@@ -418,17 +419,17 @@ class Generator:
       raise SamplingError(f"labels must be in [0, {self.num_classes}), got "
                           f"{labels.min()}..{labels.max()}")
     num_tokens = self.grid[0] * self.grid[1]
+    mesh = _local_data_mesh()
+    variables = self.variables if mesh is None else self._replicated(mesh)
     if self.kind == "nar":
       settings = self._nar_settings(top_k, top_p, steps, choice_temperature)
       draw = lambda chunk, rng, start: nar_lib.sample(
-          self.model, self.variables, chunk, rng=rng, cfg_scale=cfg_scale, temperature=temperature,
-          example_offset=start, num_image_tokens=num_tokens, **settings)
+          self.model, variables, _split_rows(chunk, mesh), rng=rng, cfg_scale=cfg_scale,
+          temperature=temperature, example_offset=start, num_image_tokens=num_tokens, **settings)
     else:
       if steps is not None or choice_temperature is not None:
         raise SamplingError("steps and choice_temperature set NAR decoding; AR sampling draws one "
                             "token per step and does not use them")
-      mesh = _local_data_mesh()
-      variables = self.variables if mesh is None else self._replicated(mesh)
       draw = lambda chunk, rng, start: ar_sample(
           self.model, variables, _split_rows(chunk, mesh), num_image_tokens=num_tokens,
           num_classes=self.num_classes, codebook_size=self.codebook_size, rng=rng,
