@@ -25,29 +25,26 @@ import numpy as np
 from vqkd_jax.train.common import to_uint8
 
 
+@functools.lru_cache(maxsize=None)
 def _local_data_mesh():
-  """A 1-D "data" mesh of this process's devices when there are several and one process (the
-  Generator's data-parallel sampling), else None."""
+  """parallel.mesh.make_mesh's mesh of this process's devices on the "data" axis when there are
+  several and one process (the Generator's data-parallel sampling), else None."""
+  from vqkd_jax.parallel.mesh import make_mesh
+
   devices = jax.local_devices()
   if len(devices) < 2 or jax.process_count() > 1:
     return None
-  return _mesh_of(tuple(devices))
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh_of(devices):
-  return jax.sharding.Mesh(np.array(devices), ("data",))
+  return make_mesh({"data": len(devices)}, devices)
 
 
 def _split_rows(rows: np.ndarray, mesh) -> jax.Array:
   """int32 rows on one device (mesh None), or padded to a multiple of the mesh size and split
-  over its "data" axis (the padded rows' samples are past the caller's rows and dropped)."""
+  over its batch axes (the padded rows' samples are past the caller's rows and dropped)."""
   if mesh is None:
     return jnp.asarray(rows)
-  from jax.sharding import NamedSharding, PartitionSpec
+  from vqkd_jax.parallel.mesh import batch_sharding
 
-  rows = np.pad(rows, (0, -len(rows) % mesh.size))
-  return jax.device_put(rows, NamedSharding(mesh, PartitionSpec("data")))
+  return jax.device_put(np.pad(rows, (0, -len(rows) % mesh.size)), batch_sharding(mesh))
 
 
 class Tokenizer:
@@ -420,7 +417,7 @@ class Generator:
                           f"{labels.min()}..{labels.max()}")
     num_tokens = self.grid[0] * self.grid[1]
     mesh = _local_data_mesh()
-    variables = self.variables if mesh is None else self._replicated(mesh)
+    variables = self.variables if mesh is None else self._replicated_variables
     if self.kind == "nar":
       settings = self._nar_settings(top_k, top_p, steps, choice_temperature)
       draw = lambda chunk, rng, start: nar_lib.sample(
@@ -446,14 +443,12 @@ class Generator:
     tokens = np.concatenate(out) if out else np.zeros((0, num_tokens), np.int32)
     return tokens.reshape(-1, *self.grid)
 
-  def _replicated(self, mesh):
-    """self.variables on every device of `mesh` (once per mesh)."""
-    from jax.sharding import NamedSharding, PartitionSpec
+  @functools.cached_property
+  def _replicated_variables(self):
+    """self.variables on every device of _local_data_mesh() (copied once)."""
+    from vqkd_jax.parallel.mesh import replicated
 
-    if getattr(self, "_replicas", (None,))[0] is not mesh:
-      self._replicas = (mesh, jax.device_put(self.variables,
-                                             NamedSharding(mesh, PartitionSpec())))
-    return self._replicas[1]
+    return jax.device_put(self.variables, replicated(_local_data_mesh()))
 
   def _nar_settings(self, top_k, top_p, steps, choice_temperature) -> dict:
     """NAR decoding settings: the stage config's (steps, cfg_schedule, choice_temperature) unless
