@@ -101,6 +101,21 @@ def test_size_variants():
   assert load_config("configs/demo/demo.py:seeds=3").seeds == 3
 
 
+def test_gpu_smoke_variant_finds_its_built_in_datasets():
+  """`:gpu,runlocal=True` (every stage of the GPU study for 2 steps: the quick check of a GPU
+  machine) reads the small 64 px built-in config; it failed before that config existed."""
+  from vqkd_jax.data.shapes_builder import VqkdShapes, config_name
+
+  cfg = load_config("configs/demo/demo.py:gpu,runlocal=True")
+  stages = list(cfg.shared.values()) + [
+      r[kind] for r in cfg.rows.values() for kind in ("tokenizer", "pixel_decoder", "ar", "nar", "t2i")
+      if kind in r]
+  names = {config_name(c.data.image_size, small=c.data.name == "shapes_small") for c in stages}
+  assert names == {"64_small"}
+  small = {c.name: c for c in VqkdShapes.BUILDER_CONFIGS}["64_small"]
+  assert (small.image_size, small.num_train, small.num_validation) == (64, 2_000, 500)
+
+
 # ----------------------------------------------------------------------------------------------
 # The rules and the report's pieces against independent references.
 

@@ -5,6 +5,7 @@ built-in dataset with nothing downloaded.
   vqkd demo --workdir runs/demo --config configs/demo/demo.py:seeds=3   # 3 seeds, verdicts with spread
   vqkd demo --workdir runs/demo_gpu --config configs/demo/demo.py:gpu   # larger study, one GPU
   vqkd demo --workdir runs/tiny --config configs/demo/demo.py:runlocal  # seconds (tests)
+  vqkd demo --workdir runs/gpu_check --config configs/demo/demo.py:gpu,runlocal=True  # GPU check
 
 Shared stages, trained once (`<workdir>/shared/<stage>`): the four in-the-box teachers (supervised
 ViT, MAE-, CLIP- and DINO-style), the perceptual network of the GAN-trained decoders, and the

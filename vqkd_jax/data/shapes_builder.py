@@ -49,6 +49,7 @@ class VqkdShapes(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name="32", image_size=32),
       ShapesConfig(name="64", image_size=64),
       ShapesConfig(name="32_small", image_size=32, num_train=2_000, num_validation=500),
+      ShapesConfig(name="64_small", image_size=64, num_train=2_000, num_validation=500),
   ]
   DEFAULT_CONFIG_NAME = "32"
 
@@ -90,11 +91,11 @@ class VqkdShapes(tfds.core.GeneratorBasedBuilder):
 
 
 def config_name(image_size: int, small: bool = False) -> str:
-  """Name of the built-in config for an image size ("32", "64", "32_small")."""
+  """Name of the built-in config for an image size ("32", "64", "32_small", "64_small")."""
   name = f"{image_size}_small" if small else str(image_size)
   if name not in {c.name for c in VqkdShapes.BUILDER_CONFIGS}:
-    raise ValueError(f"no built-in vqkd_shapes config {name!r}: image sizes 32 and 64 "
-                     "(and 32 small)")
+    raise ValueError(f"no built-in vqkd_shapes config {name!r}: image sizes 32 and 64, each "
+                     "also small")
   return name
 
 
@@ -112,7 +113,7 @@ def load_shapes(data_dir: str, image_size: int = 32, small: bool = False,
   Args:
     data_dir: tfds data directory (``~`` expanded).
     image_size: 32 or 64 (selects the built-in config).
-    small: the 2,000 / 500 examples config (32 only).
+    small: the 2,000 / 500 examples config.
     config: an explicit ShapesConfig instead (custom sizes/seeds, tests).
 
   Returns:
