@@ -114,6 +114,41 @@ def test_vit_encoder_patch_embedding_and_positions_match_numpy():
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_frozen_teachers_run_attention_at_the_true_length(monkeypatch):
+  """Frozen teachers (the random ViT of the benchmarks, the Hugging Face ports) call the attention
+  with differentiable=False (cuDNN at the true length: no pads); a trained ViT with True."""
+  import ml_collections
+
+  from vqkd_jax.nn import attention
+  from vqkd_jax.teachers import hf_vit
+  from vqkd_jax.teachers.load import random_vit_teacher
+
+  seen = []
+  original = attention.dot_product_attention
+
+  def recording(*args, **kwargs):
+    seen.append(args[6] if len(args) > 6 else kwargs.get("differentiable", True))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(attention, "dot_product_attention", recording)
+  images = jnp.zeros((1, 16, 16, 3))
+
+  def flags(model_apply):
+    seen.clear()
+    model_apply()
+    return list(seen)
+
+  student = ViTEncoder(patch_size=4, width=16, depth=2, num_heads=2)
+  v = student.init(jax.random.PRNGKey(0), images)
+  assert flags(lambda: student.apply(v, images)) == [True, True]
+  teacher = random_vit_teacher(ml_collections.ConfigDict(dict(
+      patch_size=4, width=16, depth=2, num_heads=2, image_size=16, out_dim=0)))
+  assert flags(lambda: teacher.apply_tokens(teacher.variables, images)) == [False, False]
+  port = hf_vit.VisionTransformer(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, grid=4)
+  v = port.init(jax.random.PRNGKey(0), images)
+  assert flags(lambda: port.apply(v, images)) == [False, False]
+
+
 def test_vit_encoder_cls_first_and_other_resolutions():
   enc = ViTEncoder(patch_size=4, width=32, depth=1, num_heads=4, conv_stem=True, image_size=32)
   v = jax.jit(lambda x: enc.init(jax.random.PRNGKey(0), x))(images())

@@ -64,7 +64,9 @@ class ViTBlock(nn.Module):
 
   LayerNorm eps 1e-6, exact GELU, MLP width mlp_ratio * D. `layer_index` (0-based) set: the attention
   output and fc2 kernels start at std 0.02 / sqrt(2 (i + 1)) (BEiT); None: 0.02. The attention's own
-  parameters are float32 whatever `param_dtype` (MultiHeadAttention has no param_dtype).
+  parameters are float32 whatever `param_dtype` (MultiHeadAttention has no param_dtype). `frozen`:
+  no gradient is ever taken through the block (a frozen teacher), so cuDNN's attention runs at the
+  true sequence length, without the pads its backward needs (`dot_product_attention`).
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -72,12 +74,14 @@ class ViTBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   approximate_gelu: bool = False
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     std = depth_scaled_std(self.layer_index)
     h = layer_norm("norm1", self.dtype, param_dtype=self.param_dtype)(x)
-    x = x + MultiHeadAttention(self.num_heads, out_init_std=std, dtype=self.dtype, name="attn")(h)
+    x = x + MultiHeadAttention(self.num_heads, out_init_std=std, dtype=self.dtype, name="attn")(
+        h, differentiable=not self.frozen)
     h = layer_norm("norm2", self.dtype, param_dtype=self.param_dtype)(x)
     return x + Mlp(int(x.shape[-1] * self.mlp_ratio), out_init_std=std,
                    approximate_gelu=self.approximate_gelu, dtype=self.dtype,
@@ -162,7 +166,8 @@ class ViTEncoder(nn.Module):
   CLS position first) for a g x g patch grid, g = image_size // patch_size (image_size None: the grid
   of the images seen at init). Images of another size get the patch part bicubically interpolated
   (torch-compatible; `pos_interp_offset` 0.1 = DINO's/upstream VQ-KD's scale (n + 0.1) / g), the CLS
-  position kept. Blocks use BEiT's depth-scaled init when `depth_scaled_init`.
+  position kept. Blocks use BEiT's depth-scaled init when `depth_scaled_init`. `frozen`: no gradient
+  is ever taken through the encoder (a frozen teacher; see ViTBlock).
   """
   patch_size: int
   width: int
@@ -177,6 +182,7 @@ class ViTEncoder(nn.Module):
   approximate_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -208,7 +214,8 @@ class ViTEncoder(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     for i in range(self.depth):
       x = ViTBlock(self.num_heads, self.mlp_ratio, i if self.depth_scaled_init else None,
-                   self.dtype, self.param_dtype, self.approximate_gelu, name=f"block{i}")(x)
+                   self.dtype, self.param_dtype, self.approximate_gelu, self.frozen,
+                   name=f"block{i}")(x)
     return x
 
 

@@ -57,7 +57,7 @@ class Block(nn.Module):
   """Pre-LN block: x + s1 * Attn(LN(x)), then x + s2 * MLP(LN(x)); [B, L, D] -> [B, L, D].
 
   s1, s2: DINOv2's per-channel layer scales (`layer_scale`), else 1. Attention parameters are float32
-  whatever `param_dtype` (MultiHeadAttention has none)."""
+  whatever `param_dtype` (MultiHeadAttention has none). `frozen` as `nn.vit.ViTBlock`'s."""
   num_heads: int
   mlp_dim: int
   activation: str = "gelu"
@@ -65,6 +65,7 @@ class Block(nn.Module):
   layer_scale: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  frozen: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -79,7 +80,8 @@ class Block(nn.Module):
       return h * s.astype(h.dtype)
 
     h = layer_norm("norm1", eps=self.layer_norm_eps, **kw)(x)
-    x = x + scaled(MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(h), "scale1")
+    x = x + scaled(MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
+        h, differentiable=not self.frozen), "scale1")
     h = layer_norm("norm2", eps=self.layer_norm_eps, **kw)(x)
     h = FeedForward(self.mlp_dim, self.activation, name="mlp", **kw)(h)
     return x + scaled(h, "scale2")
@@ -102,6 +104,8 @@ class VisionTransformer(nn.Module):
     layer_scale: DINOv2's per-channel residual scales.
     proj_dim: a bias-free output projection to proj_dim (CLIP's visual_projection); 0: none, C = width.
     pos_antialias: DINOv2-with-registers resizes its positions with antialiasing.
+    frozen: no gradient is ever taken through the model (the default: a teacher), so cuDNN's
+      attention runs at the true sequence length, without the pads its backward needs.
   """
   patch_size: int
   width: int
@@ -120,6 +124,7 @@ class VisionTransformer(nn.Module):
   pos_antialias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  frozen: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -152,7 +157,7 @@ class VisionTransformer(nn.Module):
       x = layer_norm("pre_norm", eps=self.layer_norm_eps, **kw)(x)
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
-                self.layer_scale, name=f"block{i}", **kw)(x)
+                self.layer_scale, frozen=self.frozen, name=f"block{i}", **kw)(x)
     x = x[:, n_cls + self.num_registers:]
     x = layer_norm("norm", eps=self.layer_norm_eps, **kw)(x)
     if self.proj_dim:

@@ -94,7 +94,7 @@ def random_vit_teacher(teacher_cfg, precision: str = "float32") -> FrozenTeacher
       t = ViTEncoder(teacher_cfg.patch_size, teacher_cfg.width, teacher_cfg.depth,
                      teacher_cfg.num_heads, image_size=teacher_cfg.image_size, dtype=dtype,
                      approximate_gelu=teacher_cfg.get("approximate_gelu", False),
-                     name="encoder")(x)[:, 1:]
+                     frozen=True, name="encoder")(x)[:, 1:]
       t = layer_norm("norm", dtype)(t)
       if teacher_cfg.out_dim:
         t = nn.Dense(teacher_cfg.out_dim, use_bias=False, dtype=dtype, name="proj")(t)
