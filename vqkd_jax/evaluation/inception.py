@@ -32,6 +32,10 @@ w split into a TF32 part and the rest, the lo x lo term dropped) runs at 3,977 i
 exact's 2,766, but its pool features are 4.5e-5 off a float64 forward (exact: 3.9e-7, TF32:
 4.3e-4): per convolution 1e-6 to 1e-5, growing with the reduction length, since the tensor
 cores' TF32 accumulation is not float32's. Not exact, and no better as a fast mode than "tf32".
+Tried on 6 Dec: the three products of each 32-deep block summed into a float32 accumulator outside
+the tensor cores (a Pallas GEMM on im2col patches): 2e-7 to 4e-7 off float64 per convolution
+(cuDNN float32: 2.4e-7 to 1.3e-6), but Pallas' Triton TF32 GEMMs ran at 19-28 TFLOP/s of float32
+work, no faster than cuDNN's float32 (README, "Where the time goes").
 
 Weights: `convert_inception(read_state_dict("pt_inception-2015-12-05-6726825d.pth"))` (pytorch-fid's
 key names; torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` uses the same names), or

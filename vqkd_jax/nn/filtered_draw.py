@@ -27,7 +27,8 @@ filters' other ops and the draw about 17 us more, at every sampling step (about 
 384 ms batch of Llama medium with CFG). The kernel does 64 masked reductions per row instead.
 Measured on an H100 (5 Dec 2026; Llama medium, batch 64 with CFG, 256 tokens): 22.7 us per step
 (about 0.35 us per halving: the serial reductions, not memory, bound it), the sampler 365.7 against
-372.3 ms per batch with XLA's draw (the same tokens, on the equal logits of a zero head);
+372.3 ms per batch with XLA's draw (the same tokens, on the equal logits of a zero head; with the
+head drawn at random, 6 Dec: the same tokens again, 363 against 372 ms);
 `proposal/sampling.sample` draws with it on GPUs (draw="auto"). Tried on an H100 (6 Dec) and slower:
 searches testing 4, 8, 16 or 32 keys a pass (one reduction over [ways, V]): 30 to 87 us alone, 374
 to 392 against 372.9 ms per batch in the sampler. Tried on 6 Dec and not adopted: stopping each

@@ -281,7 +281,11 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # H100 checks in bfloat16 recorded here and below (Llama medium, CFG, batch 64, one seed) ran with
 # the zero-initialised Llama head: every logit was 0 and the tokens came from the noise alone, so
 # they did not test the layouts' numerics (found 6 Dec 2026; `vqkd bench sample` now draws that head
-# at random). A GPU's GEMMs may round bf16 differently between layouts. Measured there (5 Dec 2026,
+# at random). A GPU's GEMMs round bf16 differently between layouts: with the head drawn at random
+# (H100, 6 Dec 2026, `vqkd bench sample`'s "same tokens", seed 0, against folded) fused_cublas gave
+# 0.529 / 0.568 of folded's tokens (CFG 1.75 / none) and separate 0.558 / 0.616: the samples part
+# where a rounding difference tips a draw (about halfway through an image on average), as expected
+# of equal functions in bf16; a wrong layout would part at the first tokens. Measured there (5 Dec 2026,
 # `vqkd bench sample`, images/s with CFG 1.75 / without) with the Pallas decoding step
 # (model.decode_step): separate 137 / 188, fused 145 / 205, fused_cublas 167 / 212; with XLA's ops
 # (the einsum attention in 4 cache segments) 123 / 184, 125 / 186, 142 / 181. "folded", the default,
@@ -301,7 +305,9 @@ DECODE_KERNELS = ("separate", "fused", "fused_cublas", "folded")
 # Measured on an H100 (Llama medium, batch 64 with CFG, 256 tokens, bf16, fused_cublas and the
 # Pallas step): 365.7 against 372.3 ms per batch, 175.0 against 171.9 images/s (the same tokens
 # with equal logits there; tests/test_filtered_draw.py checks the kept sets and draws); the
-# kernel takes 22.7 us per step where the sort and the filters took 50 us.
+# kernel takes 22.7 us per step where the sort and the filters took 50 us. With the head drawn at
+# random (H100, 6 Dec 2026, folded layout): the same tokens as XLA's draw (1.000, with CFG and
+# without), 363 against 372 ms per batch with CFG, 280 against 289 without.
 DRAWS = ("auto", "xla", "pallas")
 
 
