@@ -108,8 +108,8 @@ def test_gpu_smoke_variant_finds_its_built_in_datasets():
 
   cfg = load_config("configs/demo/demo.py:gpu,runlocal=True")
   stages = list(cfg.shared.values()) + [
-      r[kind] for r in cfg.rows.values() for kind in ("tokenizer", "pixel_decoder", "ar", "nar", "t2i")
-      if kind in r]
+      r[kind] for r in cfg.rows.values()
+      for kind in ("tokenizer", "pixel_decoder", "ar", "nar", "t2i") if kind in r]
   names = {config_name(c.data.image_size, small=c.data.name == "shapes_small") for c in stages}
   assert names == {"64_small"}
   small = {c.name: c for c in VqkdShapes.BUILDER_CONFIGS}["64_small"]

@@ -88,3 +88,64 @@ def test_ar_strategies_match_one_device_and_samples_ignore_the_device_count(tmp_
   np.testing.assert_array_equal(res["tokens/8_pallas"], res["tokens/1"])
   np.testing.assert_array_equal(res["tokens/half"], res["tokens/1"][8:])
   assert len(np.unique(res["tokens/1"])) > 5   # not a degenerate constant sample
+
+
+def test_text_conditioned_samples_split_over_devices_equal_one_device(tmp_path):
+  """Text-to-image sampling (AR and NAR, prefix and cross-attention conditioning) of captions
+  whose rows are split over 8 devices gives the tokens of one device: AR decodes each device's
+  rows (the prefix, context and mask split, the null condition replicated), NAR through XLA's
+  partitioner."""
+  out = tmp_path / "tokens.npz"
+  _run(f"""
+      import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from vqkd_jax.proposal import nar as nar_lib, sampling, t2i as t2i_lib
+      from vqkd_jax.proposal.ar import ARTransformer
+      from vqkd_jax.proposal.nar import NARTransformer
+
+      mesh8 = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+      split = lambda a: jax.device_put(a, NamedSharding(mesh8, P("data")))
+      rng = np.random.default_rng(0)
+      b, text_len, text_dim, codebook, n = 16, 5, 7, 24, 9
+      states = jnp.asarray(rng.normal(size=(b, text_len, text_dim)), jnp.float32)
+      mask = jnp.asarray(np.arange(text_len)[None] < rng.integers(2, text_len + 1, b)[:, None])
+      results = {{}}
+      for proposal in ("ar", "nar"):
+        for conditioning in ("prefix", "cross_attention"):
+          cross = conditioning == "cross_attention"
+          seq_len = (1 if cross else text_len) + n
+          if proposal == "ar":
+            net = ARTransformer(vocab_size=codebook, seq_len=seq_len, width=32, depth=2,
+                                num_heads=2, flavour="llama", cross_attention=cross)
+            model = t2i_lib.TextConditionedAR(net, text_len, conditioning)
+          else:
+            net = NARTransformer(num_classes=0, codebook_size=codebook, seq_len=seq_len,
+                                 width=32, depth=2, num_heads=2, cross_attention=cross)
+            model = t2i_lib.TextConditionedNAR(net, text_len, conditioning)
+          variables = nn.unbox(model.init(jax.random.PRNGKey(1), states[:1], mask[:1],
+                                          jnp.zeros((1, n), jnp.int32)))
+          variables = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(
+              jax.random.PRNGKey(x.size), x.shape, x.dtype), variables)  # no zero heads
+          inputs = model.apply(variables, states, mask, method="sampling_inputs")
+          params = variables["params"]["transformer"]
+          if proposal == "ar":
+            run = lambda **kw: sampling.sample_from_prefix(
+                net, params, rng=jax.random.PRNGKey(3), num_image_tokens=n,
+                codebook_size=codebook, cfg_scale=1.75, top_k=10, top_p=0.9, **kw)
+          else:
+            run = lambda **kw: nar_lib.sample_from_prefix(
+                net, params, rng=jax.random.PRNGKey(3), steps=3, cfg_scale=1.75, **kw)
+          key = proposal + "/" + conditioning
+          results[key + "/1"] = np.asarray(run(**inputs))
+          rows = {{k: split(v) if k in ("prefix", "context", "context_mask") and v is not None
+                  else v for k, v in inputs.items()}}
+          assert sampling.batch_split(rows["prefix"]) is not None
+          results[key + "/8"] = np.asarray(run(**rows))
+      np.savez("{out}", **results)
+  """)
+  res = dict(np.load(out))
+  assert len(res) == 8
+  for key in res:
+    if key.endswith("/1"):
+      assert len(np.unique(res[key])) > 5, key   # the tokens depend on the network and captions
+      np.testing.assert_array_equal(res[key[:-2] + "/8"], res[key], err_msg=key)

@@ -38,13 +38,16 @@ def _local_data_mesh():
 
 
 def _split_rows(rows: np.ndarray, mesh) -> jax.Array:
-  """int32 rows on one device (mesh None), or padded to a multiple of the mesh size and split
-  over its batch axes (the padded rows' samples are past the caller's rows and dropped)."""
+  """rows [N, ...] on one device (mesh None), or padded to a multiple of the mesh size (repeating
+  the last row) and split over its batch axes (the padded rows' samples are past the caller's
+  rows and dropped)."""
   if mesh is None:
     return jnp.asarray(rows)
   from vqkd_jax.parallel.mesh import batch_sharding
 
-  return jax.device_put(np.pad(rows, (0, -len(rows) % mesh.size)), batch_sharding(mesh))
+  rows = np.asarray(rows)
+  pad = [(0, -len(rows) % mesh.size)] + [(0, 0)] * (rows.ndim - 1)
+  return jax.device_put(np.pad(rows, pad, "edge"), batch_sharding(mesh))
 
 
 class Tokenizer:
@@ -382,10 +385,11 @@ class Generator:
     choice_temperature (default: the stage config's sampling group; its cfg_schedule applies). A
     setting the network does not use, ints for t2i or strings for ar / nar raise SamplingError.
 
-    ar / nar: with several local devices (one process), each chunk's rows are split over them
+    With several local devices (one process), each chunk's rows are split over them
     (data-parallel; chunks padded to a multiple of the device count), the parameters replicated
-    once: the same tokens as on one device. AR decodes each device's rows in its own loop
-    (`sampling.batch_split`), NAR lets XLA's partitioner split its jitted decoding by the rows."""
+    once: the same tokens as on one device. AR (and T2I's AR) decodes each device's rows in its
+    own loop (`sampling.batch_split`), NAR lets XLA's partitioner split its jitted decoding by the
+    rows."""
     from vqkd_jax.proposal import nar as nar_lib
     from vqkd_jax.proposal.sampling import sample as ar_sample
 
@@ -445,10 +449,12 @@ class Generator:
 
   @functools.cached_property
   def _replicated_variables(self):
-    """self.variables on every device of _local_data_mesh() (copied once)."""
+    """self.variables (t2i: with the text encoder's, a pair) on every device of
+    _local_data_mesh() (copied once)."""
     from vqkd_jax.parallel.mesh import replicated
 
-    return jax.device_put(self.variables, replicated(_local_data_mesh()))
+    tree = self.variables if self.kind != "t2i" else (self.variables, self.text_encoder.variables)
+    return jax.device_put(tree, replicated(_local_data_mesh()))
 
   def _nar_settings(self, top_k, top_p, steps, choice_temperature) -> dict:
     """NAR decoding settings: the stage config's (steps, cfg_schedule, choice_temperature) unless
@@ -472,6 +478,9 @@ class Generator:
 
     ids, mask = self.encode_prompts(prompts)
     n = len(ids)
+    mesh = _local_data_mesh()
+    model_vars, text_vars = ((self.variables, self.text_encoder.variables) if mesh is None else
+                             self._replicated_variables)
     out = []
     rng = jax.random.PRNGKey(seed)
     for start in range(0, n, batch_size):
@@ -480,8 +489,8 @@ class Generator:
       if n > batch_size:     # every chunk batch_size rows (one compilation); padding dropped
         pad = ((0, batch_size - m), (0, 0))
         chunk_ids, chunk_mask = np.pad(chunk_ids, pad, "edge"), np.pad(chunk_mask, pad, "edge")
-      codes = sample_images(self.model, self.variables, self.text_encoder,
-                            self.text_encoder.variables, chunk_ids, chunk_mask, rng=rng,
+      codes = sample_images(self.model, model_vars, self.text_encoder, text_vars,
+                            _split_rows(chunk_ids, mesh), _split_rows(chunk_mask, mesh), rng=rng,
                             example_offset=start, **settings)
       out.append(np.asarray(codes)[:m])
     num_tokens = self.grid[0] * self.grid[1]

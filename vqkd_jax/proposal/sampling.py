@@ -285,8 +285,8 @@ _sample_cached_cublas = xla_options.jit_with_options(_sample_cached_impl, xla_op
 # (H100, 6 Dec 2026, `vqkd bench sample`'s "same tokens", seed 0, against folded) fused_cublas gave
 # 0.529 / 0.568 of folded's tokens (CFG 1.75 / none) and separate 0.558 / 0.616: the samples part
 # where a rounding difference tips a draw (about halfway through an image on average), as expected
-# of equal functions in bf16; a wrong layout would part at the first tokens. Measured there (5 Dec 2026,
-# `vqkd bench sample`, images/s with CFG 1.75 / without) with the Pallas decoding step
+# of equal functions in bf16; a wrong layout would part at the first tokens. Measured there (5 Dec
+# 2026, `vqkd bench sample`, images/s with CFG 1.75 / without) with the Pallas decoding step
 # (model.decode_step): separate 137 / 188, fused 145 / 205, fused_cublas 167 / 212; with XLA's ops
 # (the einsum attention in 4 cache segments) 123 / 184, 125 / 186, 142 / 181. "folded", the default,
 # is fused_cublas with a Llama's second RMSNorm scale folded into the gate / up kernel where the
@@ -441,43 +441,58 @@ def guidance_context_rows(context, context_mask, uncond_context, cfg):
 
 
 _PREFIX_STATIC = ("model", "num_image_tokens", "codebook_size", "cfg_scale", "temperature",
-                  "top_k", "top_p", "cache_segments", "fuse", "fold_norms", "draw_path")
+                  "top_k", "top_p", "cache_segments", "fuse", "fold_norms", "draw_path",
+                  "batch_split")
 
 
 def _sample_prefix_impl(model, variables, prefix, uncond_prefix, rng, example_offset, *,
                         num_image_tokens, codebook_size, cfg_scale, temperature, top_k, top_p,
-                        cache_segments, fuse, fold_norms, draw_path, context=None,
-                        context_mask=None, uncond_context=None):
+                        cache_segments, fuse, fold_norms, draw_path, batch_split=None,
+                        context=None, context_mask=None, uncond_context=None):
   variables = _decoding_variables(model, variables, fuse, fold_norms)
-  b, p = prefix.shape[:2]
   cfg = uses_cfg(cfg_scale)
-  rows = guidance_prefix_rows(prefix, uncond_prefix, cfg)
-  context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
-  keys = _example_keys(rng, b, example_offset)
-  choose = lambda logits, i: _choose(logits, b, keys, i, 0, codebook_size, cfg_scale, temperature,
-                                     top_k, top_p, draw_path)
-  # Positions 0 .. P-1 hold the prefix, P .. P+N-2 the image tokens 0 .. N-2 (the last never fed).
-  # Step i >= 1 feeds position P + i - 1: after the steps < b the cache holds P + b - 1 positions.
-  cache = model.init_cache(rows.shape[0], length=p,
-                           **({} if context is None else {"context_length": context.shape[1]}))
-  logits, cache = model.apply(variables, jnp.zeros((rows.shape[0], 0), jnp.int32),
-                              positions=jnp.arange(p), cache=cache, prefix=rows, context=context,
-                              context_mask=context_mask)
-  first = choose(logits[:, -1], 0)
-  out = jnp.zeros((b, num_image_tokens), jnp.int32).at[:, 0].set(first)
+  keys = _example_keys(rng, prefix.shape[0], example_offset)
 
-  def body(i, carry):
-    cache, tok, out = carry
-    inp = jnp.concatenate([tok, tok]) if cfg else tok
-    logits, cache = model.apply(variables, inp[:, None], positions=(p + i - 1)[None], cache=cache,
-                                context_mask=context_mask)
-    tok = choose(logits[:, 0], i)
-    return cache, tok, jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+  def decode(variables, prefix, uncond_prefix, context, context_mask, uncond_context, keys):
+    b, p = prefix.shape[:2]
+    rows = guidance_prefix_rows(prefix, uncond_prefix, cfg)
+    context, context_mask = guidance_context_rows(context, context_mask, uncond_context, cfg)
+    choose = lambda logits, i: _choose(logits, b, keys, i, 0, codebook_size, cfg_scale,
+                                       temperature, top_k, top_p, draw_path)
+    # Positions 0 .. P-1 hold the prefix, P .. P+N-2 the image tokens 0 .. N-2 (the last never
+    # fed). Step i >= 1 feeds position P + i - 1: after the steps < b the cache holds P + b - 1.
+    cache = model.init_cache(rows.shape[0], length=p,
+                             **({} if context is None else {"context_length": context.shape[1]}))
+    logits, cache = model.apply(variables, jnp.zeros((rows.shape[0], 0), jnp.int32),
+                                positions=jnp.arange(p), cache=cache, prefix=rows,
+                                context=context, context_mask=context_mask)
+    first = choose(logits[:, -1], 0)
+    out = jnp.zeros((b, num_image_tokens), jnp.int32).at[:, 0].set(first)
 
-  _, _, out = _segmented_fori_loop(1, num_image_tokens, body, (cache, first, out),
-                                   cache_length=lambda end: p + end - 1,
-                                   segments=cache_segments)
-  return out
+    def body(i, carry):
+      cache, tok, out = carry
+      inp = jnp.concatenate([tok, tok]) if cfg else tok
+      logits, cache = model.apply(variables, inp[:, None], positions=(p + i - 1)[None],
+                                  cache=cache, context_mask=context_mask)
+      tok = choose(logits[:, 0], i)
+      return cache, tok, jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+
+    _, _, out = _segmented_fori_loop(1, num_image_tokens, body, (cache, first, out),
+                                     cache_length=lambda end: p + end - 1,
+                                     segments=cache_segments)
+    return out
+
+  args = (variables, prefix, uncond_prefix, context, context_mask, uncond_context, keys)
+  if batch_split is None:
+    return decode(*args)
+  # Each device decodes its own rows, as `sample` does: the per-row arguments split, the
+  # variables and the shared unconditional rows ([P, width], [L, width]) replicated.
+  mesh, axes = batch_split
+  per_row = lambda a, ndim: P(axes) if a is not None and a.ndim == ndim else P()
+  specs = (P(), P(axes), per_row(uncond_prefix, 3), P(axes), P(axes), per_row(uncond_context, 3),
+           P(axes))
+  return jax.shard_map(decode, mesh=mesh, in_specs=specs, out_specs=P(axes),
+                       check_vma=False)(*args)
 
 
 _sample_prefix_plain = jax.jit(_sample_prefix_impl, static_argnames=_PREFIX_STATIC)
@@ -512,7 +527,9 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
   uncond_context ([L, width], all real; needed with guidance).
   One jitted program: the prefix (and the context's keys / values) in one cached forward, then
   the decoding loops over the tokens (`cache_segments`, `decode_kernels` and `draw` as `sample`;
-  the prefix's forward runs through the same fused kernels)."""
+  the prefix's forward runs through the same fused kernels). A prefix whose batch is split over
+  devices by a NamedSharding (`batch_split`) is sampled on each device's rows, as `sample` does
+  (the context and its mask split the same way); the tokens are the same."""
   prefix = jnp.asarray(prefix)
   _check_prefix_args(model, prefix, num_image_tokens, codebook_size)
   static = _static_args(cfg_scale, temperature, top_k, top_p, codebook_size)
@@ -527,7 +544,8 @@ def sample_from_prefix(model: ar_lib.ARTransformer, params, prefix, *, num_image
              uncond_context=uncond_context,
              cache_segments=int(cache_segments or default_cache_segments(
                  num_image_tokens, model.decode_step_path())),
-             fuse=fuse, fold_norms=fold_norms, draw_path=draw_path, **static)
+             fuse=fuse, fold_norms=fold_norms, draw_path=draw_path,
+             batch_split=batch_split(prefix), **static)
 
 
 def sample_from_prefix_full_recompute(model: ar_lib.ARTransformer, params, prefix, *,
