@@ -16,7 +16,7 @@ import functools
 import itertools
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -544,17 +544,18 @@ def _random_variables(init_fn):
   return init_sharded(fn, rng, jax.tree.map(lambda _: device, jax.eval_shape(fn, rng)))
 
 
-def _time_calls(run, steps: int) -> tuple[float, float]:
-  """(seconds of the first, compiling call; mean seconds of `steps` later calls) of run(seed)."""
+def _time_calls(run, steps: int) -> tuple[float, float, Any]:
+  """(seconds of the first, compiling call; mean seconds of `steps` later calls; the first call's
+  output) of run(seed), the first call with seed 0."""
   import time
 
   start = time.perf_counter()
-  jax.block_until_ready(run(0))
+  output = jax.block_until_ready(run(0))
   first = time.perf_counter() - start
   start = time.perf_counter()
   for i in range(steps):
     jax.block_until_ready(run(i + 1))
-  return first, (time.perf_counter() - start) / steps
+  return first, (time.perf_counter() - start) / steps, output
 
 
 def bench_sampling(config, steps: int = 3) -> list[dict]:
@@ -590,9 +591,8 @@ def bench_sampling(config, steps: int = 3) -> list[dict]:
                               rng=jax.random.PRNGKey(seed), cfg_scale=cfg, temperature=1.0,
                               top_k=config.sampling.top_k, top_p=config.sampling.top_p,
                               decode_kernels=kernels, draw=draw)
-    outputs = {}
-    compile_s, seconds = _time_calls(lambda seed: outputs.setdefault(seed, run(seed)), steps)
-    tokens = np.asarray(outputs[0])
+    compile_s, seconds, tokens = _time_calls(run, steps)
+    tokens = np.asarray(tokens)
     same = (f"{np.mean(tokens == first_tokens[cfg]):.3f}" if cfg in first_tokens else "ref")
     first_tokens.setdefault(cfg, tokens)
     rows.append({"what": "ar sampling", "device": jax.devices()[0].device_kind,
@@ -631,7 +631,7 @@ def bench_nar_sampling(config, steps: int = 3) -> list[dict]:
                                       steps=s.steps, cfg_scale=cfg, cfg_schedule=s.cfg_schedule,
                                       temperature=s.temperature,
                                       choice_temperature=s.choice_temperature)
-    compile_s, seconds = _time_calls(run, steps)
+    compile_s, seconds, _ = _time_calls(run, steps)
     tflops = step_flops(run, 0) / seconds / 1e12
     rows.append({"what": "nar sampling", "device": jax.devices()[0].device_kind,
                  "precision": config.precision, "batch": b, "tokens": num_tokens,
