@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqkd_jax.nn import decode_attention
+from vqkd_jax.nn import decode_attention, pallas_backend
 
 
 def _closed_form(q, k, v, k_cache, v_cache, pos):
@@ -73,10 +73,10 @@ def test_bfloat16_kernel_close_to_the_einsum_path():
 
 
 def test_resolve_and_shape_errors():
-  gpu = jax.default_backend() == "gpu"
+  supported = pallas_backend.kernels_supported()
   assert decode_attention.resolve("xla", 64) == "xla"
   assert decode_attention.resolve("pallas", 64) == "pallas"
-  assert decode_attention.resolve("auto", 64) == ("pallas" if gpu else "xla")
+  assert decode_attention.resolve("auto", 64) == ("pallas" if supported else "xla")
   assert decode_attention.resolve("auto", 48) == "xla"      # Triton's blocks: powers of two
   with pytest.raises(ValueError, match="decode attention must be one of"):
     decode_attention.resolve("cudnn", 64)
@@ -90,6 +90,32 @@ def test_resolve_and_shape_errors():
   with pytest.raises(ValueError, match="qkv must be"):
     decode_attention.append_and_attend_qkv(jnp.zeros((1, 2, 2, 8)), jnp.zeros((1, 2, 5, 8)),
                                            jnp.zeros((1, 2, 5, 8)), jnp.int32(0))
+
+
+class _Device:
+  def __init__(self, compute_capability):
+    self.compute_capability = compute_capability
+
+
+def test_auto_settings_pick_the_kernels_only_where_triton_compiles(monkeypatch):
+  """XLA compiles Triton (so Pallas) kernels for CUDA compute capability 8.0 and later only, and
+  cuDNN's fused attention needs it too: on a T4 (7.5) or a V100 (7.0) the "auto" settings choose
+  XLA's ops; on an A100 (8.0), an A10 (8.6) or an H100 (9.0) the kernels."""
+  from vqkd_jax.nn import attention
+  from vqkd_jax.proposal import sampling
+
+  assert pallas_backend.gpu_compute_capability(_Device("8.6")) == (8, 6)
+  assert pallas_backend.gpu_compute_capability(_Device("gfx90a")) is None   # ROCm
+  assert pallas_backend.gpu_compute_capability(object()) is None
+  monkeypatch.setattr(pallas_backend, "on_gpu", lambda: True)
+  for cc, want in (("7.0", "xla"), ("7.5", "xla"), ("8.0", "pallas"), ("8.6", "pallas"),
+                   ("9.0", "pallas"), ("gfx90a", "xla")):
+    monkeypatch.setattr(jax, "devices", lambda *args, cc=cc: [_Device(cc)])
+    assert decode_attention.resolve("auto", 64) == want, cc
+    assert sampling.resolve_draw("auto") == want, cc
+    assert attention.fused_attention_available(jnp.bfloat16, 64) == (want == "pallas"), cc
+  monkeypatch.setattr(pallas_backend, "on_gpu", lambda: False)
+  assert decode_attention.resolve("auto", 64) == "xla" and sampling.resolve_draw("auto") == "xla"
 
 
 def _rotate64(x, cos, sin):

@@ -72,9 +72,15 @@ def test_errors():
 
 def test_auto_draw_is_the_kernel_on_gpus_only(monkeypatch):
   """draw="auto" (sample's default) resolves to the kernel where Pallas compiles it (a GPU
-  backend) and to XLA's ops elsewhere; an unknown setting is named."""
+  backend of compute capability 8.0 or later) and to XLA's ops elsewhere; an unknown setting is
+  named."""
   assert sampling.resolve_draw("auto") == "xla"      # this CPU backend
+
+  class H100:
+    compute_capability = "9.0"
+
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *args: [H100()])
   assert sampling.resolve_draw("auto") == "pallas"
   assert sampling.resolve_draw("xla") == "xla"
   with pytest.raises(ValueError, match="draw must be one of"):

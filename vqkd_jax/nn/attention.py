@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.nn import pallas_backend
+
 Dtype = Any
 
 
@@ -80,8 +82,10 @@ def use_cudnn(implementation: str, q: jax.Array, mask) -> bool:
 
 
 def fused_attention_available(dtype, head_dim: int) -> bool:
-  """cuDNN flash attention applies: a GPU, bfloat16/float16, head dim a multiple of 8 up to 128."""
-  return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  """cuDNN flash attention applies: a CUDA GPU of compute capability 8.0 or later (cuDNN's fused
+  attention in bfloat16/float16 needs Ampere), bfloat16/float16, head dim a multiple of 8 up to
+  128."""
+  return (pallas_backend.kernels_supported() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)
 
 

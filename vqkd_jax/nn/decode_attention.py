@@ -54,12 +54,13 @@ NUM_STAGES = 2      # Triton's software pipelining of the block loop
 
 def resolve(implementation: str, head_dim: int) -> str:
   """"xla" or "pallas" for heads of `head_dim`: "auto" is the kernel on GPUs where it applies (a
-  power-of-two head dim, as Triton's blocks need) and the einsums elsewhere."""
+  power-of-two head dim, as Triton's blocks need; compute capability 8.0 or later,
+  `pallas_backend.kernels_supported`) and the einsums elsewhere."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"decode attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   fits = pallas_backend.is_power_of_two(head_dim)
   if implementation == "auto":
-    return "pallas" if pallas_backend.on_gpu() and fits else "xla"
+    return "pallas" if pallas_backend.kernels_supported() and fits else "xla"
   if implementation == "pallas" and not fits and pallas_backend.on_gpu():
     raise ValueError(f"the Pallas decode attention needs a power-of-two head dim, got {head_dim}: "
                      f"use decode_step='xla'")

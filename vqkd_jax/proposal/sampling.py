@@ -312,11 +312,12 @@ DRAWS = ("auto", "xla", "pallas")
 
 
 def resolve_draw(draw: str) -> str:
-  """"xla" or "pallas" of a `draw` setting (one of DRAWS)."""
+  """"xla" or "pallas" of a `draw` setting (one of DRAWS); "auto": the kernel where the Pallas
+  kernels compile (`pallas_backend.kernels_supported`)."""
   if draw not in DRAWS:
     raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
   if draw == "auto":
-    return "pallas" if pallas_backend.on_gpu() else "xla"
+    return "pallas" if pallas_backend.kernels_supported() else "xla"
   return draw
 
 
