@@ -248,13 +248,7 @@ def _sample_cached_impl(model, variables, labels, rng, example_offset, *, num_im
                                      cache_length=lambda end: end, segments=cache_segments)
     return out
 
-  if batch_split is None:
-    return decode(variables, labels, keys)
-  # Each device decodes its own rows with the whole (replicated) model: no communication in the
-  # loop, and the Pallas kernels (custom calls XLA cannot partition) see only the local rows.
-  mesh, axes = batch_split
-  return jax.shard_map(decode, mesh=mesh, in_specs=(P(), P(axes), P(axes)), out_specs=P(axes),
-                       check_vma=False)(variables, labels, keys)
+  return _on_each_device(decode, batch_split, (variables, labels, keys), (False, True, True))
 
 
 def batch_split(labels):
@@ -267,6 +261,20 @@ def batch_split(labels):
   axes = sharding.spec[0]
   size = math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
   return (sharding.mesh, axes) if size > 1 else None
+
+
+def _on_each_device(decode, batch_split, args: tuple, per_row: tuple):
+  """decode(*args) over all rows (batch_split None), or on each device's rows of batch_split's
+  mesh (shard_map): the arguments flagged in per_row split by their rows, the others (the
+  variables, shared rows) replicated. Each device decodes its rows with the whole model: no
+  communication in the loop, and the Pallas kernels (custom calls XLA cannot partition) see only
+  the local rows."""
+  if batch_split is None:
+    return decode(*args)
+  mesh, axes = batch_split
+  specs = tuple(P(axes) if split else P() for split in per_row)
+  return jax.shard_map(decode, mesh=mesh, in_specs=specs, out_specs=P(axes),
+                       check_vma=False)(*args)
 
 
 _sample_cached_plain = jax.jit(_sample_cached_impl, static_argnames=_CACHED_STATIC)
@@ -483,17 +491,12 @@ def _sample_prefix_impl(model, variables, prefix, uncond_prefix, rng, example_of
                                      segments=cache_segments)
     return out
 
-  args = (variables, prefix, uncond_prefix, context, context_mask, uncond_context, keys)
-  if batch_split is None:
-    return decode(*args)
-  # Each device decodes its own rows, as `sample` does: the per-row arguments split, the
-  # variables and the shared unconditional rows ([P, width], [L, width]) replicated.
-  mesh, axes = batch_split
-  per_row = lambda a, ndim: P(axes) if a is not None and a.ndim == ndim else P()
-  specs = (P(), P(axes), per_row(uncond_prefix, 3), P(axes), P(axes), per_row(uncond_context, 3),
-           P(axes))
-  return jax.shard_map(decode, mesh=mesh, in_specs=specs, out_specs=P(axes),
-                       check_vma=False)(*args)
+  # The unconditional rows are split only when given per row ([B, P, width], [B, L, width]).
+  per_caption = lambda a: a is not None and a.ndim == 3
+  return _on_each_device(
+      decode, batch_split,
+      (variables, prefix, uncond_prefix, context, context_mask, uncond_context, keys),
+      (False, True, per_caption(uncond_prefix), True, True, per_caption(uncond_context), True))
 
 
 _sample_prefix_plain = jax.jit(_sample_prefix_impl, static_argnames=_PREFIX_STATIC)

@@ -287,16 +287,6 @@ def _sampling_inputs(model, encode, model_vars, text_vars, ids, mask):
   return model.apply(model_vars, states, mask, method="sampling_inputs")
 
 
-def _split_like(inputs: dict, ids: jax.Array) -> dict:
-  """The sampler's condition arguments with their per-caption rows (prefix, context, context_mask,
-  and the null condition's when it has a row per caption) split over devices as the rows of ids
-  (a batch-split NamedSharding); the shared null condition ([P, width], [L, width]) as it is."""
-  rows = NamedSharding(ids.sharding.mesh, P(ids.sharding.spec[0]))
-  per_row = lambda k, v: k in ("prefix", "context", "context_mask") or v.ndim == 3
-  return {k: v if v is None or not per_row(k, v) else jax.device_put(v, rows)
-          for k, v in inputs.items()}
-
-
 # The settings of the config's sampling group that each kind of model's sampler takes.
 AR_SAMPLING = ("cfg_scale", "temperature", "top_k", "top_p")
 NAR_SAMPLING = ("cfg_scale", "temperature", "steps", "cfg_schedule", "choice_temperature")
@@ -323,8 +313,9 @@ def sample_images(model, model_vars, encoder: FrozenTextEncoder, text_vars, ids,
   (`sampling.batch_split`; NAR: XLA's partitioner), with the same tokens as on one device."""
   ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
   inputs = _sampling_inputs(model, encoder.encode, model_vars, text_vars, ids, mask)
-  if sampling.batch_split(ids) is not None:
-    inputs = _split_like(inputs, ids)
+  if sampling.batch_split(ids) is not None:   # the samplers read the split from the prefix's rows
+    rows = NamedSharding(ids.sharding.mesh, P(ids.sharding.spec[0]))
+    inputs = {**inputs, "prefix": jax.device_put(inputs["prefix"], rows)}
   params = model_vars["params"]["transformer"]
   if is_nar(model):
     if top_k or (top_p is not None and top_p != 1.0):
