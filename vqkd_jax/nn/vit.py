@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.nn import activations
 from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
 
 Dtype = Any
@@ -41,8 +42,9 @@ def depth_scaled_std(layer_index: int | None, std: float = 0.02) -> float:
 
 
 class Mlp(nn.Module):
-  """Dense(hidden) - GELU - Dense(D): [..., D] -> [..., D]. GELU exact (erf; BEiT/upstream) or, with
-  `approximate_gelu`, the tanh form (big_vision's default; XLA:GPU fuses it into the matmul)."""
+  """Dense(hidden) - GELU - Dense(D): [..., D] -> [..., D]. GELU exact (erf, as BEiT/upstream's
+  torch.nn.GELU: `nn/activations.gelu`) or, with `approximate_gelu`, the tanh form (big_vision's
+  default)."""
   hidden: int
   out_init_std: float = 0.02
   approximate_gelu: bool = False
@@ -54,7 +56,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     h = dense(self.hidden, ("embed", "mlp"), "fc1", dtype=self.dtype,
               param_dtype=self.param_dtype)(x)
-    h = nn.gelu(h, approximate=self.approximate_gelu)
+    h = nn.gelu(h, approximate=True) if self.approximate_gelu else activations.gelu(h)
     return dense(d, ("mlp", "embed"), "fc2", std=self.out_init_std, dtype=self.dtype,
                  param_dtype=self.param_dtype)(h)
 
@@ -153,8 +155,7 @@ class PatchEmbed(nn.Module):
                        self.param_dtype, name="proj")(x)
     channels = max(self.width // 4, 16)
     for i in range(conv_stem_strides(self.patch_size)):
-      x = nn.gelu(conv(channels, 3, 2, f"stem{i}", nn.initializers.lecun_normal())(x),
-                  approximate=False)
+      x = activations.gelu(conv(channels, 3, 2, f"stem{i}", nn.initializers.lecun_normal())(x))
       channels = min(channels * 2, self.width)
     return conv(self.width, 1, 1, "proj", nn.initializers.lecun_normal())(x)
 

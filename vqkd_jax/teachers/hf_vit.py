@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqkd_jax.nn import activations
 from vqkd_jax.nn.attention import MultiHeadAttention
 from vqkd_jax.nn.vit import (PatchConv, bicubic_resize_matrix, dense, layer_norm,
                              torch_default_init)
@@ -30,7 +31,7 @@ ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 def activation_fn(name: str):
   """"gelu" (exact erf), "quick_gelu" (x sigmoid(1.702 x), OpenAI CLIP), "gelu_tanh" (tanh approx.)."""
   if name == "gelu":
-    return functools.partial(nn.gelu, approximate=False)
+    return activations.gelu
   if name == "quick_gelu":
     return lambda x: x * nn.sigmoid(1.702 * x)
   if name == "gelu_tanh":

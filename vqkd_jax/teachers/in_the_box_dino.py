@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqkd_jax.nn import activations
 from vqkd_jax.nn.vit import dense
 from vqkd_jax.teachers.in_the_box_encoder import PatchViT
 
@@ -44,8 +45,8 @@ class DinoHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.gelu(dense(self.hidden, ("embed", "mlp"), "fc1", **kw)(x), approximate=False)
-    x = nn.gelu(dense(self.hidden, ("mlp", "mlp"), "fc2", **kw)(x), approximate=False)
+    x = activations.gelu(dense(self.hidden, ("embed", "mlp"), "fc1", **kw)(x))
+    x = activations.gelu(dense(self.hidden, ("mlp", "mlp"), "fc2", **kw)(x))
     x = dense(self.bottleneck, ("mlp", "embed"), "fc3", **kw)(x).astype(jnp.float32)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
     v = self.param("prototypes", nn.with_logical_partitioning(
