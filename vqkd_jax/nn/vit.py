@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from vqkd_jax.nn import activations
 from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
+from vqkd_jax.nn.layer_norm import LayerNorm
 
 Dtype = Any
 
@@ -20,11 +21,12 @@ torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unif
 
 
 def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, eps: float = 1e-6,
-               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  """LayerNorm (eps 1e-6, statistics in float32) with `norm`-named scale and bias."""
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+               param_dtype: Dtype = jnp.float32) -> LayerNorm:
+  """LayerNorm (eps 1e-6, statistics in float32; flax's parameters and values, nn/layer_norm.py's
+  gradient) with `norm`-named scale and bias."""
+  return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                   scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
 def dense(features: int, names: tuple[str, str], name: str | None = None, std: float = 0.02,
