@@ -12,7 +12,7 @@ from scipy.special import erf
 
 from vqkd_jax.evaluation.evaluator_net import EvaluatorNet
 from vqkd_jax.nn import conv as conv_lib
-from vqkd_jax.nn.vit import ViTBlock, ViTEncoder, interpolate_pos_embed
+from vqkd_jax.nn.vit import ViTBlock, ViTEncoder, dense, interpolate_pos_embed
 from vqkd_jax.teachers.vit import SupervisedViT
 from vqkd_jax.tokenizers.pixel_decoder import PixelDecoder
 from vqkd_jax.tokenizers.vqkd import VQKDTokenizer, cosine_distillation_loss
@@ -83,6 +83,56 @@ def test_vit_block_matches_numpy_reference():
   got = block.apply({"params": params}, jnp.asarray(x))
   p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   np.testing.assert_allclose(got, np_vit_block(x.astype(np.float64), p64, 4), atol=2e-5)
+
+
+class _FlaxBlock(nn.Module):
+  """ViTBlock written with flax's own layers (nn.LayerNorm, a DenseGeneral per projection,
+  jax.nn.gelu under autodiff): the second code path for ViTBlock's hand-written gradients
+  (nn/layer_norm.py, nn/activations.py) and its one-matmul q / k / v (attention.qkv_projection)."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    from vqkd_jax.nn import attention as attn_lib  # noqa: PLC0415
+
+    d = x.shape[-1]
+    hd = d // self.num_heads
+    h = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
+
+    class Attn(nn.Module):
+      @nn.compact
+      def __call__(self, h):
+        proj = lambda n: attn_lib.head_projection(4, hd, True, jnp.float32, n)
+        y = attn_lib.dot_product_attention(proj("query")(h), proj("key")(h), proj("value")(h),
+                                           None, jnp.float32, "xla")
+        return attn_lib.output_projection(d, True, jnp.float32)(y)
+
+    x = x + Attn(name="attn")(h)
+    h = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
+
+    class Mlp(nn.Module):
+      @nn.compact
+      def __call__(self, h):
+        h = jax.nn.gelu(dense(4 * d, ("embed", "mlp"), "fc1")(h), approximate=False)
+        return dense(d, ("mlp", "embed"), "fc2")(h)
+
+    return x + Mlp(name="mlp")(h)
+
+
+def test_vit_block_gradients_and_init_equal_flax_layers():
+  """The same initial parameters (so checkpoints keep their layout and values), outputs and
+  gradients (parameters and input) as the block built from flax's layers."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 32)), jnp.float32)
+  block, ref = ViTBlock(num_heads=4, layer_index=None), _FlaxBlock(num_heads=4)
+  params = nn.unbox(block.init(jax.random.PRNGKey(0), x))["params"]
+  ref_params = nn.unbox(ref.init(jax.random.PRNGKey(0), x))["params"]
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  params = randomize(params, seed=3)
+  cot = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
+  grads = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * cot),
+                             argnums=(0, 1))(params, x)
+  got, want = grads(block), grads(ref)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
 def test_vit_block_depth_scaled_init():
