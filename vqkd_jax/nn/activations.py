@@ -8,7 +8,8 @@ over [256 x 197, 3072] in bfloat16) XLA:GPU made of it one multi-output fusion p
 reads the matmul's output and writes three tensors (the output and both residuals), and a backward
 fusion that reads them back: about 0.5 ms each per block on an H100, where one read and one write
 take 0.2 ms. Here the forward reads x and writes the output, the backward reads x and the
-output's cotangent and writes x's: the minimum a separate elementwise pass needs. Math in float32
+output's cotangent and writes x's: the minimum a separate elementwise pass needs (VQ-KD step at
+batch 256 on an H100, one process: 123.4 / 123.0 against 136.3 / 137.0 ms). Math in float32
 whatever the input dtype; the result in the input's dtype.
 """
 

@@ -12,7 +12,8 @@ Why: in the VQ-KD step at ImageNet size ([256, 197, 768] tokens, bfloat16) XLA:G
 autodiff of flax's LayerNorm with the batch axis minor ([197, 768, 256]) and moved the tensors
 there and back through transposes in float32: about 14 ms of a 123 ms step on an H100 in
 transposes around the LayerNorms. On rows the statistics are row reductions and the parameter
-gradients column reductions, in the layout the matmuls use.
+gradients column reductions, in the layout the matmuls use (the step: 113.5 / 114.3 against
+125.4 / 126.1 ms, one process).
 
 `LayerNorm` is the Linen module (parameters `scale` and `bias` [D] as flax's, with logical axis
 names given by the caller).
