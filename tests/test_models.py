@@ -95,14 +95,14 @@ class _FlaxBlock(nn.Module):
   def __call__(self, x):
     from vqkd_jax.nn import attention as attn_lib  # noqa: PLC0415
 
-    d = x.shape[-1]
-    hd = d // self.num_heads
+    d, heads = x.shape[-1], self.num_heads
+    hd = d // heads
     h = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
 
     class Attn(nn.Module):
       @nn.compact
       def __call__(self, h):
-        proj = lambda n: attn_lib.head_projection(4, hd, True, jnp.float32, n)
+        proj = lambda n: attn_lib.head_projection(heads, hd, True, jnp.float32, n)
         y = attn_lib.dot_product_attention(proj("query")(h), proj("key")(h), proj("value")(h),
                                            None, jnp.float32, "xla")
         return attn_lib.output_projection(d, True, jnp.float32)(y)

@@ -52,11 +52,11 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float =
                dtype: Dtype | None = None) -> jax.Array:
   """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis; the result in `dtype`
   (default x's). scale, bias [D]."""
-  mean, rstd = _statistics(_rows(x), epsilon)
-  return _apply(x, scale, bias, mean, rstd, dtype or x.dtype)
+  return _fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _fwd(x, scale, bias, epsilon, dtype):
+  """The output, and the residuals of the backward pass: x, scale, bias, the rows' statistics."""
   mean, rstd = _statistics(_rows(x), epsilon)
   return _apply(x, scale, bias, mean, rstd, dtype or x.dtype), (x, scale, bias, mean, rstd)
 
