@@ -47,7 +47,8 @@ import optax
 
 from vqkd_jax.nn import decode_attention as decode_attention_lib
 from vqkd_jax.nn import rms_norm as rms_norm_lib
-from vqkd_jax.nn.attention import dense_init, head_projection, output_projection, use_cudnn
+from vqkd_jax.nn.attention import (HeadProjectionParams, dense_init, output_projection,
+                                   qkv_projection, use_cudnn)
 from vqkd_jax.nn.cross_attention import CrossAttention
 
 Dtype = Any
@@ -337,8 +338,10 @@ class CausalSelfAttention(nn.Module):
       qk = self._rotate(qk, positions, pairs=True)
       q, k = qk[:, :, :self.num_heads], qk[:, :, self.num_heads:]
     else:
-      proj = lambda name: head_projection(self.num_heads, hd, self.use_bias, self.dtype, name)
-      q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+      # The query / key / value projections' parameters (head_projection's), applied as one matmul
+      # (Llama medium training at batch 96 on an H100, one process: 129.2 against 130.9 ms).
+      q, k, v = qkv_projection(x, [HeadProjectionParams(self.num_heads, hd, self.use_bias, name=n)(d)
+                                   for n in ("query", "key", "value")], self.dtype)
       if _pallas_step(self.decode_step, cache, q.shape[1], d, self.num_heads):
         y, ck, cv = decode_attention_lib.append_and_attend(
             q[:, 0], k[:, 0], v[:, 0], *cache, positions[0],
