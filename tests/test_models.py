@@ -102,7 +102,8 @@ class _FlaxBlock(nn.Module):
     class Attn(nn.Module):
       @nn.compact
       def __call__(self, h):
-        proj = lambda n: attn_lib.head_projection(heads, hd, True, jnp.float32, n)
+        proj = lambda n: nn.DenseGeneral((heads, hd), name=n,
+                                         kernel_init=nn.initializers.truncated_normal(0.02))
         y = attn_lib.dot_product_attention(proj("query")(h), proj("key")(h), proj("value")(h),
                                            None, jnp.float32, "xla")
         return attn_lib.output_projection(d, True, jnp.float32)(y)
@@ -133,6 +134,25 @@ def test_vit_block_gradients_and_init_equal_flax_layers():
                              argnums=(0, 1))(params, x)
   got, want = grads(block), grads(ref)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("use_bias,dtype", [(True, jnp.float32), (False, jnp.bfloat16)])
+def test_head_projection_equals_dense_general(use_bias, dtype):
+  """attention.head_projection (cross-attention's q / k / v): flax's DenseGeneral((heads, hd))
+  parameters, initial values and outputs, in float32 and in bfloat16."""
+  from vqkd_jax.nn import attention as attn_lib  # noqa: PLC0415
+
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 7, 24)), jnp.float32)
+  ours = attn_lib.head_projection(3, 8, use_bias, dtype, "query")
+  ref = nn.DenseGeneral((3, 8), use_bias=use_bias, dtype=dtype,
+                        kernel_init=nn.initializers.truncated_normal(0.02))
+  params = nn.unbox(ours.init(jax.random.PRNGKey(6), x))["params"]
+  jax.tree.map(np.testing.assert_array_equal, params,
+               nn.unbox(ref.init(jax.random.PRNGKey(6), x))["params"])
+  params = randomize(params, seed=7)
+  got, want = ours.apply({"params": params}, x), ref.apply({"params": params}, x)
+  assert got.dtype == want.dtype == dtype and got.shape == (2, 7, 3, 8)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_vit_block_depth_scaled_init():

@@ -53,35 +53,54 @@ class MultiHeadAttention(nn.Module):
     return output_projection(d, self.use_bias, self.dtype, self.out_init_std)(y)
 
 
+def _head_projection_params(module: nn.Module, width: int, num_heads: int, head_dim: int,
+                            use_bias: bool) -> tuple[jax.Array, jax.Array | None]:
+  """`module`'s parameters of a query, key or value projection: kernel [D, heads, head_dim]
+  (truncated normal, std 0.02, drawn flat [D, heads * head_dim] and reshaped, as flax's
+  DenseGeneral draws it; logical axes embed, heads, kv) and bias [heads, head_dim] (zeros) or None."""
+  def kernel_init(rng, shape, dtype=jnp.float32):
+    return dense_init()(rng, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
+  kernel = module.param("kernel", nn.with_logical_partitioning(kernel_init, ("embed", "heads", "kv")),
+                        (width, num_heads, head_dim), jnp.float32)
+  if not use_bias:
+    return kernel, None
+  bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+                      (num_heads, head_dim), jnp.float32)
+  return kernel, bias
+
+
+class HeadProjection(nn.Module):
+  """[..., D] -> [..., heads, head_dim]: a query, key or value projection, computed as flax's
+  DenseGeneral computes it (operands in `dtype`)."""
+  num_heads: int
+  head_dim: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel, bias = _head_projection_params(self, x.shape[-1], self.num_heads, self.head_dim,
+                                           self.use_bias)
+    y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y if bias is None else y + bias.astype(self.dtype)
+
+
 def head_projection(num_heads: int, head_dim: int, use_bias: bool, dtype, name: str
-                    ) -> nn.DenseGeneral:
-  """[..., D] -> [..., heads, head_dim] (a query, key or value projection; logical axes embed,
-  heads, kv)."""
-  return nn.DenseGeneral(
-      (num_heads, head_dim), use_bias=use_bias, dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+                    ) -> HeadProjection:
+  return HeadProjection(num_heads, head_dim, use_bias, dtype, name=name)
 
 
 class HeadProjectionParams(nn.Module):
-  """The parameters of a `head_projection` (kernel [D, heads, head_dim], bias [heads, head_dim] or
-  None: the same names, shapes, initial values and logical axes), returned instead of applied, so
-  that `qkv_projection` can run the query, key and value projections as one matmul."""
+  """The parameters of a `head_projection` (the same names, shapes, initial values and logical
+  axes), returned instead of applied, so that `qkv_projection` can run the query, key and value
+  projections as one matmul."""
   num_heads: int
   head_dim: int
   use_bias: bool = True
 
   @nn.compact
   def __call__(self, width: int) -> tuple[jax.Array, jax.Array | None]:
-    def kernel_init(rng, shape, dtype=jnp.float32):   # As DenseGeneral: drawn flat, reshaped.
-      return dense_init()(rng, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
-    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, ("embed", "heads", "kv")),
-                        (width, self.num_heads, self.head_dim), jnp.float32)
-    if not self.use_bias:
-      return kernel, None
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-                      (self.num_heads, self.head_dim), jnp.float32)
-    return kernel, bias
+    return _head_projection_params(self, width, self.num_heads, self.head_dim, self.use_bias)
 
 
 def qkv_projection(x: jax.Array, params, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
