@@ -57,10 +57,12 @@ def _head_projection_params(module: nn.Module, width: int, num_heads: int, head_
                             use_bias: bool) -> tuple[jax.Array, jax.Array | None]:
   """`module`'s parameters of a query, key or value projection: kernel [D, heads, head_dim]
   (truncated normal, std 0.02, drawn flat [D, heads * head_dim] and reshaped, as flax's
-  DenseGeneral draws it; logical axes embed, heads, kv) and bias [heads, head_dim] (zeros) or None."""
+  DenseGeneral draws it; logical axes embed, heads, kv) and bias [heads, head_dim] (zeros) or
+  None."""
   def kernel_init(rng, shape, dtype=jnp.float32):
     return dense_init()(rng, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
-  kernel = module.param("kernel", nn.with_logical_partitioning(kernel_init, ("embed", "heads", "kv")),
+  kernel = module.param("kernel",
+                        nn.with_logical_partitioning(kernel_init, ("embed", "heads", "kv")),
                         (width, num_heads, head_dim), jnp.float32)
   if not use_bias:
     return kernel, None
@@ -87,6 +89,7 @@ class HeadProjection(nn.Module):
 
 def head_projection(num_heads: int, head_dim: int, use_bias: bool, dtype, name: str
                     ) -> HeadProjection:
+  """[..., D] -> [..., heads, head_dim], a query, key or value projection named `name`."""
   return HeadProjection(num_heads, head_dim, use_bias, dtype, name=name)
 
 

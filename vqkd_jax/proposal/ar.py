@@ -340,8 +340,9 @@ class CausalSelfAttention(nn.Module):
     else:
       # The query / key / value projections' parameters (head_projection's), applied as one matmul
       # (Llama medium training at batch 96 on an H100, one process: 129.2 against 130.9 ms).
-      q, k, v = qkv_projection(x, [HeadProjectionParams(self.num_heads, hd, self.use_bias, name=n)(d)
-                                   for n in ("query", "key", "value")], self.dtype)
+      params = [HeadProjectionParams(self.num_heads, hd, self.use_bias, name=n)(d)
+                for n in ("query", "key", "value")]
+      q, k, v = qkv_projection(x, params, self.dtype)
       if _pallas_step(self.decode_step, cache, q.shape[1], d, self.num_heads):
         y, ck, cv = decode_attention_lib.append_and_attend(
             q[:, 0], k[:, 0], v[:, 0], *cache, positions[0],
