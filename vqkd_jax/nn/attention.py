@@ -44,9 +44,7 @@ class MultiHeadAttention(nn.Module):
     kernel runs at the true sequence length (see `dot_product_attention`)."""
     d = x.shape[-1]
     head_dim = d // self.num_heads
-    q, k, v = qkv_projection(x, [HeadProjectionParams(self.num_heads, head_dim, self.use_bias,
-                                                      name=n)(d) for n in ("query", "key", "value")],
-                             self.dtype)
+    q, k, v = qkv_projection(x, qkv_params(self.num_heads, head_dim, self.use_bias, d), self.dtype)
     if mask is None and self.causal:
       mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
     y = dot_product_attention(q, k, v, mask, self.dtype, self.implementation, differentiable)
@@ -104,6 +102,13 @@ class HeadProjectionParams(nn.Module):
   @nn.compact
   def __call__(self, width: int) -> tuple[jax.Array, jax.Array | None]:
     return _head_projection_params(self, width, self.num_heads, self.head_dim, self.use_bias)
+
+
+def qkv_params(num_heads: int, head_dim: int, use_bias: bool, width: int) -> list:
+  """The (kernel, bias) of the query, key and value projections (`HeadProjectionParams` named
+  query, key, value), as submodules of the module whose compact method calls this."""
+  return [HeadProjectionParams(num_heads, head_dim, use_bias, name=n)(width)
+          for n in ("query", "key", "value")]
 
 
 def qkv_projection(x: jax.Array, params, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -47,8 +47,8 @@ import optax
 
 from vqkd_jax.nn import decode_attention as decode_attention_lib
 from vqkd_jax.nn import rms_norm as rms_norm_lib
-from vqkd_jax.nn.attention import (HeadProjectionParams, dense_init, output_projection,
-                                   qkv_projection, use_cudnn)
+from vqkd_jax.nn.attention import (dense_init, output_projection, qkv_params, qkv_projection,
+                                   use_cudnn)
 from vqkd_jax.nn.cross_attention import CrossAttention
 
 Dtype = Any
@@ -340,9 +340,7 @@ class CausalSelfAttention(nn.Module):
     else:
       # The query / key / value projections' parameters (head_projection's), applied as one matmul
       # (Llama medium training at batch 96 on an H100, one process: 129.2 against 130.9 ms).
-      params = [HeadProjectionParams(self.num_heads, hd, self.use_bias, name=n)(d)
-                for n in ("query", "key", "value")]
-      q, k, v = qkv_projection(x, params, self.dtype)
+      q, k, v = qkv_projection(x, qkv_params(self.num_heads, hd, self.use_bias, d), self.dtype)
       if _pallas_step(self.decode_step, cache, q.shape[1], d, self.num_heads):
         y, ck, cv = decode_attention_lib.append_and_attend(
             q[:, 0], k[:, 0], v[:, 0], *cache, positions[0],
