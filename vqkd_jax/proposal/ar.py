@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from vqkd_jax.nn import decode_attention as decode_attention_lib
+from vqkd_jax.nn import logits as logits_lib
 from vqkd_jax.nn import rms_norm as rms_norm_lib
 from vqkd_jax.nn.attention import (dense_init, output_projection, qkv_params, qkv_projection,
                                    use_cudnn)
@@ -612,13 +613,14 @@ class ARTransformer(nn.Module):
       logits = jnp.einsum("btd,dv->btv", x, head,
                           preferred_element_type=jnp.float32)[..., :self.vocab_size]
     elif self.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+      # nn/logits.py: the backward's matmuls in the computation dtype (Llama medium training on
+      # an H100: see the module).
+      logits = logits_lib.logits(x.astype(self.dtype), embed.embedding.astype(self.dtype).T)
     else:
       init = nn.initializers.zeros if self.flavour == "llama" else dense_init()
-      logits = nn.Einsum((self.width, self.vocab_size), "btd,dv->btv", use_bias=False,
-                         dtype=self.dtype, preferred_element_type=jnp.float32, name="head",
-                         kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x)
+      logits = logits_lib.LogitsHead(
+          self.vocab_size, self.dtype, name="head",
+          kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))(x)
     return logits if cache is None else (logits, new_cache)
 
   def decode_step_path(self) -> str:

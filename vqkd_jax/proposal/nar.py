@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vqkd_jax.nn import logits as logits_lib
 from vqkd_jax.nn.attention import MultiHeadAttention, dense_init
 from vqkd_jax.nn.cross_attention import CrossAttention
 from vqkd_jax.nn.vit import Mlp, layer_norm
@@ -253,13 +254,13 @@ class NARTransformer(nn.Module):
                 cross_attention=self.cross_attention, name=f"block{i}")(
                     x, train, context, context_mask)
     x = layer_norm("norm_out", self.dtype, self.norm_eps)(x[:, lead:])
-    # Operands in the computation dtype, logits accumulated and returned in float32.
+    # Operands in the computation dtype, logits accumulated and returned in float32; the
+    # backward's matmuls in the computation dtype (nn/logits.py).
     kernel = self.param("head", nn.with_logical_partitioning(dense_init(), ("embed", "vocab")),
                         (self.width, self.codebook_size))
     bias = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                       (self.codebook_size,))
-    logits = jnp.einsum("btd,dv->btv", x, kernel.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = logits_lib.logits(x.astype(self.dtype), kernel.astype(self.dtype))
     return logits + bias.astype(jnp.float32)
 
 
