@@ -35,7 +35,10 @@ cores' TF32 accumulation is not float32's. Not exact, and no better as a fast mo
 Tried on 6 Dec: the three products of each 32-deep block summed into a float32 accumulator outside
 the tensor cores (a Pallas GEMM on im2col patches): 2e-7 to 4e-7 off float64 per convolution
 (cuDNN float32: 2.4e-7 to 1.3e-6), but Pallas' Triton TF32 GEMMs ran at 19-28 TFLOP/s of float32
-work, no faster than cuDNN's float32 (README, "Where the time goes").
+work, no faster than cuDNN's float32 (README, "Where the time goes"). Tried on 6 Dec (evening):
+3xTF32 on the first layers only, float32 after them: off float64 by 3.1e-6 (the stem), 8.9e-6
+(+ Mixed_5), 1.1e-5 (+ Mixed_6a), and never faster than exact (2,263-2,445 against 2,770
+images/s with NCHW convolutions; with NHWC, TF32's better layout, float32 loses more).
 
 Weights: `convert_inception(read_state_dict("pt_inception-2015-12-05-6726825d.pth"))` (pytorch-fid's
 key names; torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` uses the same names), or
