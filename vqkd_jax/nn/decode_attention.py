@@ -29,10 +29,10 @@ RMSNorms, 168.4 images/s. Tried and slower: blocks of 32 (156.7 images/s), 128 (
 with 8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program
 (152.1, 146.1; 121.4 with 8 warps); with the rotary inside, 1 or 3 pipeline stages (166.8,
 167.6 against 167-168) and 2 warps with 3 stages (161.8); plain (unmasked) loads for the
-completely filled blocks (6 Dec: the same time alone, 0.378 against 0.372 s per batch). XLA's partitioner has no rule for the
-kernel's custom call, so inside a jit whose batch is sharded over several GPUs it would run
-replicated (correct, slower); `proposal/sampling.sample` therefore runs its decoding loop per
-device (shard_map) when the labels' batch is split over devices.
+completely filled blocks (6 Dec: the same time alone, 0.378 against 0.372 s per batch). XLA's
+partitioner has no rule for the kernel's custom call, so inside a jit whose batch is sharded over
+several GPUs it would run replicated (correct, slower); `proposal/sampling.sample` therefore runs
+its decoding loop per device (shard_map) when the labels' batch is split over devices.
 """
 
 from __future__ import annotations
