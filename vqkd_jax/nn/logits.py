@@ -42,28 +42,31 @@ def _matmul(a, b, contract_a: tuple[int, ...], contract_b: tuple[int, ...]):
                              preferred_element_type=jnp.float32)
 
 
-def _padded(kernel):
-  """kernel [D, V] with zero columns up to a multiple of VOCAB_MULTIPLE."""
+def padded_kernel(kernel):
+  """kernel [D, V] with zero columns up to a multiple of VOCAB_MULTIPLE (also the decoding loop's
+  head, padded once: proposal.ar.fuse_for_decoding)."""
   return jnp.pad(kernel, ((0, 0), (0, -kernel.shape[1] % VOCAB_MULTIPLE)))
+
+
+def _fwd(x, kernel):
+  """The logits, and the residuals of the backward: x and the padded kernel."""
+  padded = padded_kernel(kernel)
+  return _matmul(x, padded, (x.ndim - 1,), (0,))[..., :kernel.shape[1]], (x, padded)
 
 
 @jax.custom_vjp
 def _low_precision_logits(x, kernel):
-  return _matmul(x, _padded(kernel), (x.ndim - 1,), (0,))[..., :kernel.shape[1]]
-
-
-def _fwd(x, kernel):
-  return _low_precision_logits(x, kernel), (x, kernel)
+  return _fwd(x, kernel)[0]
 
 
 def _bwd(res, g):
-  x, kernel = res
-  v = kernel.shape[1]
-  g = jnp.pad(g.astype(x.dtype), [(0, 0)] * (g.ndim - 1) + [(0, -v % VOCAB_MULTIPLE)])
-  dx = _matmul(g, _padded(kernel), (g.ndim - 1,), (1,))                  # [..., D]
+  x, padded = res
+  v = g.shape[-1]
+  g = jnp.pad(g.astype(x.dtype), [(0, 0)] * (g.ndim - 1) + [(0, padded.shape[1] - v)])
+  dx = _matmul(g, padded, (g.ndim - 1,), (1,))                           # [..., D]
   lead = tuple(range(x.ndim - 1))
   dk = _matmul(x, g, lead, lead)[:, :v]                                  # [D, V]
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return dx.astype(x.dtype), dk.astype(padded.dtype)
 
 
 _low_precision_logits.defvjp(_fwd, _bwd)

@@ -129,7 +129,7 @@ def perplexity(logits: jax.Array, seq: jax.Array, mask: jax.Array | None = None)
 DECODE = "decode"   # the variable collection of `fuse_for_decoding`'s kernels
 
 
-HEAD_MULTIPLE = 128   # output columns of `fuse_for_decoding`'s head kernel
+HEAD_MULTIPLE = logits_lib.VOCAB_MULTIPLE   # output columns of `fuse_for_decoding`'s head
 
 
 def fuse_for_decoding(variables, fold_norms: bool | tuple[str, ...] = False) -> dict:
@@ -165,7 +165,7 @@ def fuse_for_decoding(variables, fold_norms: bool | tuple[str, ...] = False) -> 
     head = params.pop("head")["kernel"]
   else:
     head = params["token_embed"]["embedding"].T
-  fused["head"] = jnp.pad(head, ((0, 0), (0, -head.shape[1] % HEAD_MULTIPLE)))
+  fused["head"] = logits_lib.padded_kernel(head)
   for name, block in params.items():
     if not name.startswith("block"):
       continue
