@@ -140,6 +140,28 @@ def preprocess_images(images: jax.Array, convention: str = "torch") -> jax.Array
 # ------------------------------------------------------------------------------------- model
 
 
+class ConvWeights(nn.Module):
+  """A BasicConv's parameters ({"kernel": [kh, kw, in, out], "bias": [out]}, the names and
+  shapes of nn.Conv's), declared without applying them."""
+  shape: Sequence[int]
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("patch", "patch", "conv_in", "conv_out")),
+        tuple(self.shape))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                      (self.shape[-1],))
+    return kernel, bias
+
+
+def _conv(x, kernel, stride, padding, dtype, precision):
+  """NHWC x HWIO convolution in `dtype` (nn.Conv's), padding ((top, bottom), (left, right))."""
+  return jax.lax.conv_general_dilated(
+      x.astype(dtype), kernel.astype(dtype), (stride, stride), padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+
+
 class BasicConv(nn.Module):
   """conv (BatchNorm folded into kernel and bias) + ReLU: [B, H, W, C] -> [B, H', W', features].
 
@@ -152,15 +174,42 @@ class BasicConv(nn.Module):
   precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
+  def weights(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    """(kernel, bias) for an input of `in_features` channels (this layer's parameters)."""
+    return ConvWeights((*self.kernel, in_features, self.features), name="conv")()
+
   def __call__(self, x: jax.Array) -> jax.Array:
+    kernel, bias = self.weights(x.shape[-1])
     ph, pw = self.padding
-    y = nn.Conv(self.features, tuple(self.kernel), (self.stride, self.stride),
-                padding=((ph, ph), (pw, pw)), dtype=self.dtype, param_dtype=jnp.float32,
-                precision=self.precision, name="conv",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), ("patch", "patch", "conv_in", "conv_out")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))(x)
-    return nn.relu(y)
+    y = _conv(x, kernel, self.stride, ((ph, ph), (pw, pw)), self.dtype, self.precision)
+    return nn.relu(y + bias.astype(self.dtype))
+
+
+def pointwise_group(x: jax.Array, convs: Sequence[BasicConv], pooled: BasicConv | None = None,
+                    dtype: Dtype = jnp.float32, precision: Any = None) -> list[jax.Array]:
+  """The 1x1 BasicConvs of an Inception block that read the same input x, then its pool branch
+  `pooled` (1x1 conv of the 3x3 average pool of x) if given: [relu(conv_i(x)) ...]. The
+  parameters are the BasicConvs' own (the same names and values).
+
+  In float32 they run as one convolution against the kernels concatenated along the output
+  channels: one larger GEMM instead of several small ones (each output channel's sum is the
+  same). The pool branch joins it: both maps are linear and the average of a constant is the
+  constant (count_include_pad=False), so conv(avg_pool(x)) = avg_pool(conv(x)), and the pool
+  runs on the branch's channels instead of x's. H100, exact mode, batch 256: 2,778 -> 2,936
+  images/s; pool features 4.5e-7 off the separate convolutions.
+  In float16 / bfloat16 each runs as written: merged (even with the pool branch as written), the
+  float16 mode's FID drift against exact went from 0.0003 to 0.026 (H100, 2 x 5,000 images;
+  features 4.6e-4 off float64 either way), for 20,700 against 18,100 images/s."""
+  if jnp.dtype(dtype) != jnp.float32:
+    return [conv(x) for conv in convs] + ([pooled(_avg_pool_same(x))] if pooled else [])
+  group = [*convs, *([pooled] if pooled is not None else [])]
+  weights = [conv.weights(x.shape[-1]) for conv in group]
+  kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
+  y = _conv(x, kernel, 1, ((0, 0), (0, 0)), dtype, precision)
+  parts = jnp.split(y, np.cumsum([k.shape[-1] for k, _ in weights])[:-1], axis=-1)
+  if pooled is not None:
+    parts[-1] = _avg_pool_same(parts[-1])
+  return [nn.relu(part + bias.astype(dtype)) for part, (_, bias) in zip(parts, weights)]
 
 
 def _avg_pool_same(x):
@@ -178,12 +227,12 @@ class InceptionA(nn.Module):
   def __call__(self, x):
     c = lambda f, k=(1, 1), p=(0, 0), name=None: BasicConv(f, k, 1, p, self.dtype, self.precision,
                                                            name=name)
-    b1 = c(64, name="branch1x1")(x)
-    b5 = c(64, (5, 5), (2, 2), name="branch5x5_2")(c(48, name="branch5x5_1")(x))
-    b3 = c(64, name="branch3x3dbl_1")(x)
+    b1, b5, b3, bp = pointwise_group(
+        x, [c(64, name="branch1x1"), c(48, name="branch5x5_1"), c(64, name="branch3x3dbl_1")],
+        c(self.pool_features, name="branch_pool"), self.dtype, self.precision)
+    b5 = c(64, (5, 5), (2, 2), name="branch5x5_2")(b5)
     b3 = c(96, (3, 3), (1, 1), name="branch3x3dbl_2")(b3)
     b3 = c(96, (3, 3), (1, 1), name="branch3x3dbl_3")(b3)
-    bp = c(self.pool_features, name="branch_pool")(_avg_pool_same(x))
     return jnp.concatenate([b1, b5, b3, bp], -1)
 
 
@@ -214,16 +263,16 @@ class InceptionC(nn.Module):
     kw = dict(dtype=self.dtype, precision=self.precision)
     c7 = self.channels_7x7
     row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))
-    b1 = BasicConv(192, name="branch1x1", **kw)(x)
-    b7 = BasicConv(c7, name="branch7x7_1", **kw)(x)
+    b1, b7, bd, bp = pointwise_group(
+        x, [BasicConv(192, name="branch1x1", **kw), BasicConv(c7, name="branch7x7_1", **kw),
+            BasicConv(c7, name="branch7x7dbl_1", **kw)],
+        BasicConv(192, name="branch_pool", **kw), **kw)
     b7 = BasicConv(c7, row[0], 1, row[1], name="branch7x7_2", **kw)(b7)
     b7 = BasicConv(192, col[0], 1, col[1], name="branch7x7_3", **kw)(b7)
-    bd = BasicConv(c7, name="branch7x7dbl_1", **kw)(x)
     bd = BasicConv(c7, col[0], 1, col[1], name="branch7x7dbl_2", **kw)(bd)
     bd = BasicConv(c7, row[0], 1, row[1], name="branch7x7dbl_3", **kw)(bd)
     bd = BasicConv(c7, col[0], 1, col[1], name="branch7x7dbl_4", **kw)(bd)
     bd = BasicConv(192, row[0], 1, row[1], name="branch7x7dbl_5", **kw)(bd)
-    bp = BasicConv(192, name="branch_pool", **kw)(_avg_pool_same(x))
     return jnp.concatenate([b1, b7, bd, bp], -1)
 
 
@@ -235,9 +284,9 @@ class InceptionD(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, precision=self.precision)
-    b3 = BasicConv(192, name="branch3x3_1", **kw)(x)
+    b3, b7 = pointwise_group(x, [BasicConv(192, name="branch3x3_1", **kw),
+                                 BasicConv(192, name="branch7x7x3_1", **kw)], **kw)
     b3 = BasicConv(320, (3, 3), 2, name="branch3x3_2", **kw)(b3)
-    b7 = BasicConv(192, name="branch7x7x3_1", **kw)(x)
     b7 = BasicConv(192, (1, 7), 1, (0, 3), name="branch7x7x3_2", **kw)(b7)
     b7 = BasicConv(192, (7, 1), 1, (3, 0), name="branch7x7x3_3", **kw)(b7)
     b7 = BasicConv(192, (3, 3), 2, name="branch7x7x3_4", **kw)(b7)
@@ -256,19 +305,19 @@ class InceptionE(nn.Module):
   def __call__(self, x):
     kw = dict(dtype=self.dtype, precision=self.precision)
     row, col = ((1, 3), (0, 1)), ((3, 1), (1, 0))
-    b1 = BasicConv(320, name="branch1x1", **kw)(x)
-    b3 = BasicConv(384, name="branch3x3_1", **kw)(x)
+    convs = [BasicConv(320, name="branch1x1", **kw), BasicConv(384, name="branch3x3_1", **kw),
+             BasicConv(448, name="branch3x3dbl_1", **kw)]
+    pool_conv = BasicConv(192, name="branch_pool", **kw)
+    if self.max_pool:   # pytorch-fid's patch: the TF graph max-pools in its last block
+      b1, b3, bd = pointwise_group(x, convs, **kw)
+      bp = pool_conv(nn.max_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1))))
+    else:
+      b1, b3, bd, bp = pointwise_group(x, convs, pool_conv, **kw)
     b3 = jnp.concatenate([BasicConv(384, row[0], 1, row[1], name="branch3x3_2a", **kw)(b3),
                           BasicConv(384, col[0], 1, col[1], name="branch3x3_2b", **kw)(b3)], -1)
-    bd = BasicConv(448, name="branch3x3dbl_1", **kw)(x)
     bd = BasicConv(384, (3, 3), 1, (1, 1), name="branch3x3dbl_2", **kw)(bd)
     bd = jnp.concatenate([BasicConv(384, row[0], 1, row[1], name="branch3x3dbl_3a", **kw)(bd),
                           BasicConv(384, col[0], 1, col[1], name="branch3x3dbl_3b", **kw)(bd)], -1)
-    if self.max_pool:   # pytorch-fid's patch: the TF graph max-pools in its last block
-      pooled = nn.max_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
-    else:
-      pooled = _avg_pool_same(x)
-    bp = BasicConv(192, name="branch_pool", **kw)(pooled)
     return jnp.concatenate([b1, b3, bd, bp], -1)
 
 
