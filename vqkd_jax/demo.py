@@ -293,8 +293,12 @@ def _latest_step(workdir: str) -> int | None:
 
 
 def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir: str,
-               timings: dict) -> None:
-  """Trains every unfinished stage once the stages it needs are done; reuses finished ones."""
+               timings: dict, evaluations: list[tuple] = ()) -> None:
+  """Trains every unfinished stage once the stages it needs are done; reuses finished ones.
+
+  evaluations: (name, needs, fn, args) tasks (the report's rows) that run in the same workers
+  once the stages they need are done, when no stage is ready to train (with several workers
+  only): the report's work then overlaps the last stages' instead of following them."""
   done = set()
   todo = []
   for i, stage in enumerate(stages):
@@ -327,11 +331,12 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
   import multiprocessing
 
   ctx = multiprocessing.get_context("spawn")  # JAX does not survive fork
+  pending = list(evaluations)
   with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init,
                               initargs=(cache_dir,)) as pool:
     running = {}
     last_status = time.time()
-    while todo or running:
+    while todo or running or pending:
       for i in list(todo):
         if len(running) >= workers:
           break
@@ -342,12 +347,24 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
           running[pool.submit(train_stage, s.config, s.workdir,
                               os.path.join(s.workdir, "train.log"))] = i
           todo.remove(i)
+      for task in list(pending):
+        if len(running) >= workers:
+          break
+        name, needs, fn, args = task
+        if all(d in done for d in needs):
+          print(f"      evaluating {name} (report row) beside the stages", flush=True)
+          running[pool.submit(fn, *args)] = task
+          pending.remove(task)
       if not running:
         raise RuntimeError(f"stages {[stages[i].name for i in todo]} wait for stages that are "
                            f"not in the plan")
       finished_now, _ = cf.wait(running, timeout=5, return_when=cf.FIRST_COMPLETED)
       for future in finished_now:
         i = running.pop(future)
+        if isinstance(i, tuple):   # an evaluation: the report reads its result from the cache
+          timings[f"report/{i[0]}"] = future.result()
+          print(f"      evaluated {i[0]} in {timings[f'report/{i[0]}']:.0f} s", flush=True)
+          continue
         try:
           finished(i, *future.result())
         except Exception:
@@ -357,7 +374,8 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
           raise
       if not finished_now and time.time() - last_status >= 30:
         last_status = time.time()
-        now = ", ".join(f"{stages[i].name} {_latest_step(stages[i].workdir) or 0}/"
+        now = ", ".join(f"{i[0]} (report row)" if isinstance(i, tuple) else
+                        f"{stages[i].name} {_latest_step(stages[i].workdir) or 0}/"
                         f"{stages[i].config.total_steps}" for i in running.values())
         print(f"      running: {now} | elapsed {_clock(time.time() - progress.start)} | "
               f"ETA {_clock(progress.eta())}", flush=True)
@@ -380,6 +398,21 @@ def compilation_cache(directory: str):
   finally:
     for n, v in old.items():
       jax.config.update(n, v)
+
+
+def _early_evaluations(cfg, rows_dirs: list[dict], shared_dirs: list[dict]) -> list[tuple]:
+  """The report's row evaluations as run_stages tasks: each needs its row's stages and the
+  evaluator (demo_report.evaluate_row_early)."""
+  from vqkd_jax.evaluation import demo_report
+  data_cfg = demo_report.reference_config(cfg)
+  evaluator_dir = shared_dirs[0]["evaluator"]
+  out = []
+  for jobs in demo_report.row_jobs(cfg, rows_dirs):
+    for job in jobs:
+      needs = (*job[1].values(), evaluator_dir)
+      out.append((job[4], needs, demo_report.evaluate_row_early,
+                  (job, data_cfg, cfg.report.probe_train, evaluator_dir)))
+  return out
 
 
 def run(workdir: str, config_spec: str, overrides: list[str]) -> int:
@@ -405,7 +438,8 @@ def _run(cfg, workdir: str, cache_dir: str) -> int:
   timings["data"] = time.time() - t
   print(f"[data] built-in dataset ready in {timings['data']:.1f} s", flush=True)
 
-  run_stages(stages, progress, cfg.workers, cache_dir, timings)
+  run_stages(stages, progress, cfg.workers, cache_dir, timings,
+             _early_evaluations(cfg, rows_dirs, shared_dirs))
 
   print(progress.line(f"report: {num_rows} rows, {cfg.report.num_samples} samples per FD_eval",
                       len(stages)), flush=True)

@@ -74,7 +74,7 @@ ROWS = (
 STEPS = {
     "default": dict(teacher_vit=200, teacher_mae=400, teacher_clip=200, teacher_dino=100,
                     perceptual=100, evaluator=120, vqgan=150, vqkd=150, cluster=120,
-                    pixel_decoder=100, ar=120, nar=120, t2i=120),
+                    pixel_decoder=100, ar=100, nar=100, t2i=100),
     "gpu": dict(teacher_vit=3000, teacher_mae=3000, teacher_clip=3000, teacher_dino=2000,
                 perceptual=2000, evaluator=2000, vqgan=5000, vqkd=4000, cluster=2000,
                 pixel_decoder=4000, ar=6000, nar=6000, t2i=6000),

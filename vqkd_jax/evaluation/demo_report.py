@@ -237,6 +237,47 @@ def _evaluate_row_task(label, stage_dirs, ref, evaluator_dir, report_cfg, out_di
                       evaluator_dir)
 
 
+def reference_config(cfg):
+  """The evaluator stage's config with the demo's data directory: what load_reference reads."""
+  data_cfg = cfg.shared.evaluator.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.data.data_dir = cfg.data_dir
+  return data_cfg
+
+
+def row_jobs(cfg, rows_dirs: list[dict]) -> list[list[tuple]]:
+  """Per repeat, the evaluate_row jobs of its rows: (label, stage dirs, report cfg, out dir,
+  name). `write` and the demo's early evaluation (`evaluate_row_early`) build them alike, so
+  that the report finds the rows evaluated early in their caches."""
+  out = []
+  for r, dirs in enumerate(rows_dirs):
+    report_cfg = cfg.report.copy_and_resolve_references()
+    with report_cfg.unlocked():
+      report_cfg.seed = cfg.report.seed + r
+    out.append([(cfg.rows[key].label, dirs[key], report_cfg,
+                 os.path.dirname(dirs[key]["tokenizer"]), f"{'' if r == 0 else f'seed{r}/'}{key}")
+                for key in cfg.row_order])
+  return out
+
+
+_REFERENCE = {}
+
+
+def evaluate_row_early(job: tuple, data_cfg, probe_train: int, evaluator_dir: str) -> float:
+  """One row's evaluation in a worker of the demo's stage pool, as soon as its stages and the
+  evaluator are trained (the reference loaded once per process): it runs beside the stages
+  still training instead of after them, and `write` then reads it from the row's cache.
+  Returns its seconds."""
+  if evaluator_dir not in _REFERENCE:
+    if evaluator_dir not in _EVALUATOR:
+      _EVALUATOR[evaluator_dir] = Evaluator(evaluator_dir)
+    _REFERENCE[evaluator_dir] = load_reference(data_cfg, _EVALUATOR[evaluator_dir], probe_train)
+  label, dirs, report_cfg, out_dir, _ = job
+  row, _ = _evaluate_row_task(label, dirs, _REFERENCE[evaluator_dir], evaluator_dir, report_cfg,
+                              out_dir)
+  return float(row.get("seconds", 0.0))
+
+
 def evaluate_rows(jobs, ref, evaluator, evaluator_dir: str, workers: int) -> list:
   """[(row, arrays)] for jobs [(label, stage dirs, report cfg, out dir, name)], in order; rows
   evaluated `workers` at a time in worker processes (the demo's), or here when workers is 1."""
@@ -274,20 +315,13 @@ def write(cfg, workdir: str, rows_dirs: list[dict], shared_dirs: list[dict]) -> 
   to the console (main table and verdicts)."""
   evaluator_dir = shared_dirs[0]["evaluator"]
   evaluator = Evaluator(evaluator_dir)
-  data_cfg = cfg.shared.evaluator.copy_and_resolve_references()
-  with data_cfg.unlocked():
-    data_cfg.data.data_dir = cfg.data_dir
+  data_cfg = reference_config(cfg)
   ref = load_reference(data_cfg, evaluator, cfg.report.probe_train)
   num_classes = data_cfg.model.num_classes
   t2i_missing = not any("t2i" in r for r in cfg.rows.values())
   title = "VQ-KD in a box: the paper's study on the built-in dataset"
   per_seed_rows, per_seed_verdicts, seed0_paths = [], [], {}
-  for r, dirs in enumerate(rows_dirs):
-    report_cfg = cfg.report.copy_and_resolve_references()
-    with report_cfg.unlocked():
-      report_cfg.seed = cfg.report.seed + r
-    jobs = [(cfg.rows[key].label, dirs[key], report_cfg, os.path.dirname(dirs[key]["tokenizer"]),
-             f"{'' if r == 0 else f'seed{r}/'}{key}") for key in cfg.row_order]
+  for r, jobs in enumerate(row_jobs(cfg, rows_dirs)):
     results = evaluate_rows(jobs, ref, evaluator, evaluator_dir, cfg.workers)
     rows = [row for row, _ in results]
     arrays = {row["tokenizer"]: arr for row, arr in results}
