@@ -263,6 +263,11 @@ def test_demo_writes_report_grids_and_verdicts(demo_dir):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / stage / "tensorboard"))
   timings = json.loads((run / "timings.json").read_text())
   assert timings["total"] > 0 and "vqkd_clip/t2i" in timings
+  # The rows were evaluated in the stage pool (beside the stages) and the report used those
+  # evaluations: each row's cached seconds are the early evaluation's.
+  for row in ("vqgan", "vqkd_clip"):
+    cached = json.loads((run / row / "report_row.json").read_text())["row"]
+    assert timings[f"report/{row}"] == pytest.approx(cached["seconds"]) and cached["seconds"] > 0
 
 
 def test_demo_reuses_finished_stages(demo_dir, capsys):

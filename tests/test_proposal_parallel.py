@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +91,7 @@ def test_ar_strategies_match_one_device_and_samples_ignore_the_device_count(tmp_
   assert len(np.unique(res["tokens/1"])) > 5   # not a degenerate constant sample
 
 
+@pytest.mark.slow  # 43 s; test_api's device-split test covers the T2I generator (prefix AR)
 def test_text_conditioned_samples_split_over_devices_equal_one_device(tmp_path):
   """Text-to-image sampling (AR and NAR, prefix and cross-attention conditioning) of captions
   whose rows are split over 8 devices gives the tokens of one device: AR decodes each device's

@@ -356,19 +356,21 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
           running[pool.submit(fn, *args)] = task
           pending.remove(task)
       if not running:
-        raise RuntimeError(f"stages {[stages[i].name for i in todo]} wait for stages that are "
-                           f"not in the plan")
+        raise RuntimeError(f"{[stages[i].name for i in todo] + [t[0] for t in pending]} wait "
+                           f"for stages that are not in the plan")
       finished_now, _ = cf.wait(running, timeout=5, return_when=cf.FIRST_COMPLETED)
       for future in finished_now:
         i = running.pop(future)
-        if isinstance(i, tuple):   # an evaluation: the report reads its result from the cache
-          timings[f"report/{i[0]}"] = future.result()
-          print(f"      evaluated {i[0]} in {timings[f'report/{i[0]}']:.0f} s", flush=True)
-          continue
         try:
-          finished(i, *future.result())
+          if isinstance(i, tuple):   # an evaluation: the report reads its result from the cache
+            timings[f"report/{i[0]}"] = future.result()
+            print(f"      evaluated {i[0]} in {timings[f'report/{i[0]}']:.0f} s", flush=True)
+          else:
+            finished(i, *future.result())
         except Exception:
-          print(f"      {stages[i].name} FAILED: see {stages[i].workdir}/train.log", flush=True)
+          print(f"      {i[0] if isinstance(i, tuple) else stages[i].name} FAILED"
+                + ("" if isinstance(i, tuple) else f": see {stages[i].workdir}/train.log"),
+                flush=True)
           for other in running:
             other.cancel()
           raise

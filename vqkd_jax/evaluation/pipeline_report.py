@@ -176,7 +176,10 @@ def evaluate_row(label: str, stage_dirs: dict, ref: Reference, evaluator: Evalua
     stage_dirs: {"tokenizer", "ar", "nar"[, "pixel_decoder", "t2i"]} work directories.
     ref, evaluator: the validation reference and the evaluator network.
     report_cfg: num_samples, cfg_scale, temperature, top_k, top_p, seed (AR; NAR and T2I sample
-      with their stage's `sampling` group, with cfg_scale and seed from here).
+      with their stage's `sampling` group, with cfg_scale and seed from here); optional
+      ppl_images (the perplexities on the validation split's first that many images; default
+      all) and sample_batch (rows per AR / NAR sampling call, default 256; the samples do not
+      depend on it).
     out_dir: the row's directory: report_row.json / .npz and grids/.
   Returns: (row dict, arrays for the combined grids: recon [16], val_indices, ar/nar/t2i grid
     samples).
@@ -200,6 +203,10 @@ def evaluate_row(label: str, stage_dirs: dict, ref: Reference, evaluator: Evalua
   tok = gen.tokenizer
   images, labels = ref.images, ref.labels
   n = min(int(report_cfg.num_samples), len(labels))
+  # Optional fields (older configs lack them): the validation images of the perplexities (None:
+  # the whole split) and the rows per AR / NAR sampling call (the samples do not depend on it).
+  ppl_images = report_cfg.get("ppl_images")
+  sample_batch = int(report_cfg.get("sample_batch") or 256)
   num_classes = gen.num_classes
   arrays = {}
 
@@ -226,11 +233,11 @@ def evaluate_row(label: str, stage_dirs: dict, ref: Reference, evaluator: Evalua
   from vqkd_jax.train import ar as ar_stage
   ar_cfg = _load_config(stage_dirs["ar"])
   row["ppl"] = ar_stage.validation_perplexity(ar_cfg, gen.model, gen.variables, tokens_fn,
-                                              num_classes)
+                                              num_classes, limit=ppl_images)
   t = time.time()
   samples = gen.sample(labels[:n], cfg_scale=report_cfg.cfg_scale,
                        temperature=report_cfg.temperature, top_k=report_cfg.top_k,
-                       top_p=report_cfg.top_p, seed=report_cfg.seed)
+                       top_p=report_cfg.top_p, seed=report_cfg.seed, batch_size=sample_batch)
   row["ar_sampling_seconds"] = time.time() - t
   row["fd_ar"], row["ar_accuracy"] = fd_eval(evaluator, ref, samples, labels[:n])
   arrays["ar"] = _grid_samples(samples, labels[:n], num_classes, GRID_PER_CLASS)
@@ -240,11 +247,12 @@ def evaluate_row(label: str, stage_dirs: dict, ref: Reference, evaluator: Evalua
     from vqkd_jax.train import nar as nar_stage
     nar = Generator(stage_dirs["nar"], stage_dirs.get("pixel_decoder"), tokenizer=tok.frozen)
     val = nar_stage.validation_metrics(_load_config(stage_dirs["nar"]), nar.model, nar.variables,
-                                       tokens_fn, num_classes, tok.num_codes)
+                                       tokens_fn, num_classes, tok.num_codes, limit=ppl_images)
     row["nar_masked_ppl"] = val["masked_perplexity"]
     t = time.time()
     samples = nar.sample(labels[:n], cfg_scale=report_cfg.cfg_scale,
-                         temperature=report_cfg.temperature, seed=report_cfg.seed)
+                         temperature=report_cfg.temperature, seed=report_cfg.seed,
+                         batch_size=sample_batch)
     row["nar_sampling_seconds"] = time.time() - t
     row["fd_nar"], row["nar_accuracy"] = fd_eval(evaluator, ref, samples, labels[:n])
     arrays["nar"] = _grid_samples(samples, labels[:n], num_classes, GRID_PER_CLASS)
@@ -260,7 +268,7 @@ def evaluate_row(label: str, stage_dirs: dict, ref: Reference, evaluator: Evalua
     image_tokens = lambda tv, batch: tok.frozen.encode(tv, batch["image"]).reshape(
         batch["image"].shape[0], -1)
     ppl = t2i_stage.validation_perplexity(t2i_cfg, model, t2i_vars, encoder, captions,
-                                          image_tokens, frozen)
+                                          image_tokens, frozen, limit=ppl_images)
     row["t2i_ppl"] = ppl["perplexity"]
     batch = {"label": labels[:n], "segmentation": ref.segmentation[:n]}
     ids, mask = jax.jit(captions.ids)(batch)

@@ -116,9 +116,10 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
   return Objective(init=init, loss=loss, frozen=frozen, evaluate=evaluate, init_params=init_params)
 
 
-def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int) -> float:
+def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int,
+                          limit: int | None = None) -> float:
   """exp(mean cross-entropy of the image tokens of the validation split, teacher-forced with the
-  true class): the paper's PPL."""
+  true class): the paper's PPL. `limit`: the split's first that many images only."""
   from vqkd_jax.train.evaluate import map_split
 
   @jax.jit
@@ -130,7 +131,7 @@ def validation_perplexity(config, model, model_vars, tokens_fn, num_classes: int
     nll = -jnp.take_along_axis(logp, seq[:, 1:, None], axis=-1)[..., 0]
     return {"nll_sum": nll.sum(-1), "count": jnp.full(nll.shape[:1], nll.shape[1])}
 
-  res = map_split(config, fn)
+  res = map_split(config, fn, limit=limit)
   return float(np.exp(res["nll_sum"].sum() / res["count"].sum()))
 
 

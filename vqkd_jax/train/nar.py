@@ -73,10 +73,10 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
 
 
 def validation_metrics(config, model, model_vars, tokens_fn, num_classes: int,
-                       codebook_size: int) -> dict:
+                       codebook_size: int, limit: int | None = None) -> dict:
   """Masked-token accuracy and perplexity (exp of the mean NLL over the masked positions) on the
   validation split, with the true class and cosine-schedule masks drawn from a fixed key per
-  batch (the same masks on every evaluation)."""
+  batch (the same masks on every evaluation). `limit`: the split's first that many images."""
   from vqkd_jax.train.evaluate import map_split
 
   @jax.jit
@@ -86,7 +86,7 @@ def validation_metrics(config, model, model_vars, tokens_fn, num_classes: int,
     seq = nar_lib.masked_sequence(batch["label"], codes, mask, num_classes, codebook_size)
     return nar_lib.masked_token_sums(model.apply(model_vars, seq, train=False), codes, mask)
 
-  res = map_split(config, fn)
+  res = map_split(config, fn, limit=limit)
   count = res["count"].sum()
   return {"masked_accuracy": float(res["correct"].sum() / count),
           "masked_perplexity": float(np.exp(res["nll_sum"].sum() / count))}

@@ -215,11 +215,13 @@ def make_objective(config, *, workdir: str, axis_name: str | None) -> Objective:
                    frozen={"tokenizer": tokenizer.variables, "text_encoder": encoder.variables})
 
 
-def validation_perplexity(config, model, model_vars, encoder, captions, tokens_fn, frozen) -> dict:
+def validation_perplexity(config, model, model_vars, encoder, captions, tokens_fn, frozen,
+                          limit: int | None = None) -> dict:
   """{"perplexity": exp(mean image-token NLL) with each validation image's own caption,
   "perplexity_null_caption": the same from the null prefix}, teacher-forced.
   tokens_fn(tokenizer variables, batch) -> codes [B, N]; frozen: {"tokenizer", "text_encoder"}.
-  AR models (a NAR's are validation_masked_metrics)."""
+  AR models (a NAR's are validation_masked_metrics). `limit`: the split's first that many
+  images."""
   from vqkd_jax.train.evaluate import map_split
 
   if is_nar(model):
@@ -237,7 +239,7 @@ def validation_perplexity(config, model, model_vars, encoder, captions, tokens_f
       out[name] = t2i_lib.image_token_nll(logits, tokens).sum(-1)
     return out
 
-  res = map_split(config, lambda batch: fn(model_vars, frozen, _numeric(batch)))
+  res = map_split(config, lambda batch: fn(model_vars, frozen, _numeric(batch)), limit=limit)
   count = res["count"].sum()
   return {"perplexity": float(np.exp(res["nll_sum"].sum() / count)),
           "perplexity_null_caption": float(np.exp(res["nll_null_sum"].sum() / count))}
