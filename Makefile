@@ -20,7 +20,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e ".[data,hf,test,torch-ref]"
 	touch $@
 
-# The main job: the paper in a box on the built-in dataset (18:24 on 5 Dec, 19:10 on 6 Dec 2026 on 2 CPU cores, measured).
+# The main job: the paper in a box on the built-in dataset (18:24 on 5 Dec, 18:38-21:34 on 6 Dec 2026 on 2 CPU cores, measured: see the README).
 demo: setup
 	$(VENV)/bin/vqkd demo --workdir $(DEMO_WORKDIR)
 

@@ -64,6 +64,10 @@ ROWS = (
 # MAE-style teacher's loss flat from step 100 (yet at 150 steps its VQ-KD row's distillation loss
 # stayed at 0.37 against 0.07 with the 400-step teacher: hence 400), the DINO-style teacher's
 # lowest at step 150. The NAR sampler runs 250 samples at a time: 400 samples cost what 500 do.
+# 6 Dec 2026 (evening), on a machine that ran these budgets in 21:34: AR / NAR / T2I 120 -> 100
+# steps (their losses were flat after step 90), the rows evaluated beside the last stages, the
+# perplexities on 1,000 validation images and AR / NAR sampling calls of 128 rows: 18:38 (the
+# machine's speed drifted too: README).
 # Two stages at once give about 1.2x one stage's throughput on 2 vCPUs (measured: the ViT
 # teacher's step 243 ms alone, 400 ms each for two together, pinned to a core each or not; with
 # one XLA thread per process, 205 and 356 ms), so the time is the stages' total work.
