@@ -870,3 +870,41 @@ def test_ar_stage_starts_from_the_gpt2_checkpoint(tmp_path):
   c = load_config("configs/imagenet/ar.py:variant=gpt2")
   with pytest.raises(ConfigError, match="tokenizer_workdir"):
     setup(c)
+
+
+def test_validation_perplexity_of_the_first_images(tmp_path):
+  """train.ar.validation_perplexity(limit=k), the demo report's PPL on part of the split: exp of
+  the mean image-token NLL over the validation split's first k images, against a NumPy
+  log-softmax of the model's logits on those images; without a limit, over every image."""
+  from vqkd_jax.config import load_config
+  from vqkd_jax.train import ar as ar_stage
+  from vqkd_jax.train.evaluate import map_split
+
+  config = load_config("configs/demo/ar.py:runlocal")
+  with config.unlocked():
+    config.data.data_dir = str(tmp_path)
+  c = config.data.num_classes
+  model = ar_lib.ARTransformer(vocab_size=c + 1 + CODEBOOK, seq_len=1 + NUM_TOKENS, width=32,
+                               depth=2, num_heads=2, flavour="gpt2")
+  variables = {"params": _random_params(model)}
+  # Tokens that depend on the image: the red channel at a 3 x 3 lattice of pixels, binned.
+  tokens_fn = lambda x: (x[:, ::11, ::11, 0].astype(jnp.int32).reshape(x.shape[0], -1)
+                         * CODEBOOK // 256)
+
+  def reference(limit):
+    batch = map_split(config, lambda b: {"label": b["label"], "image": b["image"]}, limit=limit)
+    seq = np.asarray(ar_lib.make_sequence(batch["label"], tokens_fn(jnp.asarray(batch["image"])),
+                                          c, 0.0))
+    logits = np.asarray(model.apply(variables, jnp.asarray(seq), train=False), np.float64)
+    logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, seq[:, 1:, None], axis=-1)
+    return len(seq), float(np.exp(nll.mean()))
+
+  n_all, want_all = reference(None)
+  n_part, want_part = reference(40)
+  assert n_part == 40 < n_all
+  got_part = ar_stage.validation_perplexity(config, model, variables, tokens_fn, c, limit=40)
+  got_all = ar_stage.validation_perplexity(config, model, variables, tokens_fn, c)
+  np.testing.assert_allclose(got_part, want_part, rtol=1e-5)
+  np.testing.assert_allclose(got_all, want_all, rtol=1e-5)
+  assert abs(got_part - got_all) > 1e-4 * got_all   # the limit changes which images count
