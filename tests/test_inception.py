@@ -262,7 +262,7 @@ def test_pointwise_convs_of_a_block_run_as_one():
   """What makes the network faster than pytorch-fid's layer list (H100, exact: 2,778 -> 2,936
   images/s): the 1x1 convolutions that read a block's input run as one convolution. pytorch-fid
   has 94 convolutions; Mixed_5b..d and 6b..e merge 4 into 1 each, 7a 2, 7b 4 and 7c 3 (its pool
-  branch max-pools): 67 in float32 (exact, tf32). float16 keeps all 94 (merged, its FID drift
-  grew: inception.pointwise_group)."""
-  assert _count_convs("exact") == _count_convs("tf32") == 94 - 3 * 3 - 4 * 3 - 1 - 3 - 2
-  assert _count_convs("fast") == _count_convs("bf16") == 94
+  branch max-pools): 67 in the exact mode. The other modes keep all 94 (float16's FID drift grew
+  when merged: inception.pointwise_group)."""
+  assert _count_convs("exact") == 94 - 3 * 3 - 4 * 3 - 1 - 3 - 2
+  assert _count_convs("fast") == _count_convs("bf16") == _count_convs("tf32") == 94

@@ -191,16 +191,17 @@ def pointwise_group(x: jax.Array, convs: Sequence[BasicConv], pooled: BasicConv 
   `pooled` (1x1 conv of the 3x3 average pool of x) if given: [relu(conv_i(x)) ...]. The
   parameters are the BasicConvs' own (the same names and values).
 
-  In float32 they run as one convolution against the kernels concatenated along the output
-  channels: one larger GEMM instead of several small ones (each output channel's sum is the
-  same). The pool branch joins it: both maps are linear and the average of a constant is the
+  In the exact mode (float32, Precision.HIGHEST) they run as one convolution against the kernels
+  concatenated along the output channels: one larger GEMM instead of several small ones (each
+  output channel's sum is the same). The pool branch joins it: both maps are linear and the average of a constant is the
   constant (count_include_pad=False), so conv(avg_pool(x)) = avg_pool(conv(x)), and the pool
   runs on the branch's channels instead of x's. H100, exact mode, batch 256: 2,778 -> 2,936
   images/s; pool features 4.5e-7 off the separate convolutions.
-  In float16 / bfloat16 each runs as written: merged (even with the pool branch as written), the
-  float16 mode's FID drift against exact went from 0.0003 to 0.026 (H100, 2 x 5,000 images;
-  features 4.6e-4 off float64 either way), for 20,700 against 18,100 images/s."""
-  if jnp.dtype(dtype) != jnp.float32:
+  The other precision modes run each as written. Merged (even with the pool branch as written),
+  the float16 mode's FID drift against exact went from 0.0003 to 0.026 (H100, 2 x 5,000 images;
+  features 4.6e-4 off float64 either way), for 20,700 against 18,100 images/s; "tf32" merged was
+  not measured, so it keeps the drift measured without (0.003)."""
+  if jnp.dtype(dtype) != jnp.float32 or precision != jax.lax.Precision.HIGHEST:
     return [conv(x) for conv in convs] + ([pooled(_avg_pool_same(x))] if pooled else [])
   group = [*convs, *([pooled] if pooled is not None else [])]
   weights = [conv.weights(x.shape[-1]) for conv in group]
