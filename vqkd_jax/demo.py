@@ -332,6 +332,8 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
 
   ctx = multiprocessing.get_context("spawn")  # JAX does not survive fork
   pending = list(evaluations)
+  # `running` maps futures to stage indices or to evaluation tasks (tuples).
+  job_name = lambda job: job[0] if isinstance(job, tuple) else stages[job].name
   with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init,
                               initargs=(cache_dir,)) as pool:
     running = {}
@@ -356,8 +358,8 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
           running[pool.submit(fn, *args)] = task
           pending.remove(task)
       if not running:
-        raise RuntimeError(f"{[stages[i].name for i in todo] + [t[0] for t in pending]} wait "
-                           f"for stages that are not in the plan")
+        raise RuntimeError(f"{[job_name(job) for job in todo + pending]} wait for stages that are "
+                           f"not in the plan")
       finished_now, _ = cf.wait(running, timeout=5, return_when=cf.FIRST_COMPLETED)
       for future in finished_now:
         i = running.pop(future)
@@ -368,16 +370,15 @@ def run_stages(stages: list[Stage], progress: Progress, workers: int, cache_dir:
           else:
             finished(i, *future.result())
         except Exception:
-          print(f"      {i[0] if isinstance(i, tuple) else stages[i].name} FAILED"
-                + ("" if isinstance(i, tuple) else f": see {stages[i].workdir}/train.log"),
-                flush=True)
+          log = "" if isinstance(i, tuple) else f": see {stages[i].workdir}/train.log"
+          print(f"      {job_name(i)} FAILED{log}", flush=True)
           for other in running:
             other.cancel()
           raise
       if not finished_now and time.time() - last_status >= 30:
         last_status = time.time()
-        now = ", ".join(f"{i[0]} (report row)" if isinstance(i, tuple) else
-                        f"{stages[i].name} {_latest_step(stages[i].workdir) or 0}/"
+        now = ", ".join(f"{job_name(i)} (report row)" if isinstance(i, tuple) else
+                        f"{job_name(i)} {_latest_step(stages[i].workdir) or 0}/"
                         f"{stages[i].config.total_steps}" for i in running.values())
         print(f"      running: {now} | elapsed {_clock(time.time() - progress.start)} | "
               f"ETA {_clock(progress.eta())}", flush=True)
