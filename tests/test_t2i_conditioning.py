@@ -93,7 +93,8 @@ SAMPLE_KW = dict(num_image_tokens=NUM_TOKENS, codebook_size=CODEBOOK, cfg_scale=
                  temperature=1.3, top_k=12, top_p=0.8)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=[pytest.param("gpt2", marks=pytest.mark.slow),  # 28 s
+                                        "llama"])
 def cross_ar(request):
   return _model("ar", "cross_attention", request.param)
 
@@ -267,10 +268,10 @@ def _config(workdirs, arg):
 
 
 @pytest.mark.parametrize("arg", [
-    "proposal=ar",
+    pytest.param("proposal=ar", marks=pytest.mark.slow),   # the stage's default: test_t2i trains it
     pytest.param("conditioning=cross_attention,variant=llama,rope=2d", marks=pytest.mark.slow),
     pytest.param("proposal=nar", marks=pytest.mark.slow),
-    "proposal=nar,conditioning=cross_attention"])  # 25 s each; two in the default suite
+    "proposal=nar,conditioning=cross_attention"])  # 15-25 s each; one in the default suite
 def test_loss_decreases_on_a_fixed_batch(workdirs, arg):
   """make_objective of each network and conditioning (the AR prefix model the stage's default);
   the loss starts near log K (uniform over the 32 codes) and falls when fitting one batch."""
