@@ -1,7 +1,8 @@
 """Session-wide test setup: one persistent JAX compilation cache for the session's processes
-(below); and when torch (the optional reference) is installed with torchvision, import
-torchvision once with its broken fake-op registrations skipped (tests/torch_reference.py), so that
-transformers' PyTorch models and pytorch-fid import in any test order. No-op in CI (no torch)."""
+(below); and when torch (the test reference, `make test` installs it) is there with torchvision,
+torchvision imported once with its broken fake-op registrations skipped
+(tests/torch_reference.py), so that transformers' PyTorch models and pytorch-fid import in any
+test order."""
 
 import importlib.util
 import os
