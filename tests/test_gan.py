@@ -1,6 +1,7 @@
 """GAN-trained tokenizers: the PatchGAN against a PyTorch reference, hinge losses in closed form, the
 adaptive weight and one GAN step's gradients against a second code path, and the two optimizers."""
 
+import functools
 import os
 
 import flax.linen
@@ -11,6 +12,7 @@ import pytest
 
 from vqkd_jax.config import load_config
 from vqkd_jax.nn.patchgan import PatchGAN
+from vqkd_jax.parallel import xla_options
 from vqkd_jax.train import gan as gan_lib
 from vqkd_jax.train.common import to_unit_range
 
@@ -80,7 +82,9 @@ def _vqgan_setup(start=0, adaptive=True):
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)),
            "label": jnp.zeros((8,), jnp.int32)}
-  variables = flax.linen.unbox(obj.init(jax.random.PRNGKey(0), batch))
+  # Compiled (as train/loop's initialiser is): op by op, each distinct op would compile alone.
+  init = xla_options.jit_with_options(obj.init, xla_options.FAST_COMPILE)
+  variables = flax.linen.unbox(init(jax.random.PRNGKey(0), batch))
   params = variables.pop("params")
   return c, obj, params, variables, batch
 
@@ -88,12 +92,17 @@ def _vqgan_setup(start=0, adaptive=True):
 def _reference_gradients(c, params, model_state, batch, active):
   """The GAN step's gradients by a second path: the generator loss with the discriminator held
   constant and lambda from full jax.grad w.r.t. the decoder's last kernel through the whole
-  tokenizer; the discriminator's hinge loss on the fixed reconstruction."""
+  tokenizer; the discriminator's hinge loss on the fixed reconstruction. One compiled program."""
   from vqkd_jax.train.vqgan import build_model
 
   model = build_model(c.model)
   disc = gan_lib.build_discriminator(c.gan)
-  x = to_unit_range(batch["image"])
+  return jax.jit(functools.partial(_reference_program, c, model, disc))(
+      params, model_state, batch["image"], active)
+
+
+def _reference_program(c, model, disc, params, model_state, image, active):
+  x = to_unit_range(image)
   d_state = {"batch_stats": model_state["batch_stats"]["discriminator"]}
   d_params = params["discriminator"]
 
@@ -113,9 +122,9 @@ def _reference_gradients(c, params, model_state, batch, active):
   kernel = params["tokenizer"]["decoder"]["conv_out"]["kernel"]
   gr = jax.grad(lambda k: with_kernel(k, rec))(kernel)
   gg = jax.grad(lambda k: with_kernel(k, gan))(kernel)
-  lam = np.clip(np.linalg.norm(gr) / (np.linalg.norm(gg) + 1e-4), 0, 1e4) * c.gan.adaptive_gain
+  lam = jnp.clip(jnp.linalg.norm(gr) / (jnp.linalg.norm(gg) + 1e-4), 0, 1e4) * c.gan.adaptive_gain
   if not c.gan.adaptive:
-    lam = 1.0
+    lam = jnp.float32(1.0)
 
   def g_loss(tok_params):
     out = forward(tok_params)
@@ -134,7 +143,8 @@ def _reference_gradients(c, params, model_state, batch, active):
 def test_one_gan_step_gradients_reach_only_their_player(start, adaptive):
   c, obj, params, model_state, batch = _vqgan_setup(start, adaptive)
   active = float(start == 0)
-  (loss, (metrics, new_state)), grads = jax.value_and_grad(obj.loss, has_aux=True)(
+  (loss, (metrics, new_state)), grads = jax.jit(
+      jax.value_and_grad(obj.loss, has_aux=True), static_argnums=5)(
       params, model_state, obj.frozen, batch, jax.random.PRNGKey(1), True)
   want_g, want_d, lam = _reference_gradients(c, params, model_state, batch, active)
   for got, want in ((grads["tokenizer"], want_g), (grads["discriminator"], want_d)):
@@ -151,7 +161,7 @@ def test_one_gan_step_gradients_reach_only_their_player(start, adaptive):
         continue
       np.testing.assert_allclose(a / scale, b / scale, atol=2e-4, err_msg=name)
   if active:
-    np.testing.assert_allclose(float(metrics["gan/adaptive_weight"]), lam, rtol=1e-3)
+    np.testing.assert_allclose(float(metrics["gan/adaptive_weight"]), float(lam), rtol=1e-3)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["discriminator"]))
   else:
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["discriminator"]))
