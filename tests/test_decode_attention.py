@@ -40,6 +40,30 @@ def test_kernel_against_closed_form(length, pos):
   np.testing.assert_array_equal(np.asarray(new_v), values.astype(np.float32))
 
 
+@pytest.mark.parametrize("programs,want", [(2048, (16, 2)), (1536, (16, 2)), (1024, (32, 2)),
+                                           (768, (32, 2)), (767, (64, 4)), (6, (64, 4))])
+def test_launch_config_by_grid_size(programs, want):
+  assert decode_attention.launch_config(programs, 257) == want
+  assert decode_attention.launch_config(programs, 20)[0] == min(want[0], 16)   # capped by length
+
+
+# Blocks of 16 and 32 positions (the large grids' launch): several blocks, the last moved back.
+@pytest.mark.parametrize("max_block", [16, 32])
+@pytest.mark.parametrize("length,pos", [(17, 16), (100, 64), (200, 130)])
+def test_small_blocks_against_closed_form(monkeypatch, max_block, length, pos):
+  monkeypatch.setattr(decode_attention, "LAUNCH_CONFIGS", ((0, max_block, 2),))
+  rng = np.random.default_rng(length + pos + max_block)
+  b, h, hd = 2, 2, 16
+  q, k, v = (rng.normal(size=(b, h, hd)).astype(np.float32) for _ in range(3))
+  k_cache, v_cache = (rng.normal(size=(b, h, length, hd)).astype(np.float32) * 3
+                      for _ in range(2))
+  y, _, _ = decode_attention.append_and_attend(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_cache), jnp.asarray(v_cache),
+      jnp.int32(pos))
+  want, _, _ = _closed_form(q, k, v, k_cache, v_cache, pos)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_ignores_the_unfilled_cache():
   """Positions after `pos` (stale or garbage) get no weight: NaNs there do not reach the output."""
   rng = np.random.default_rng(0)

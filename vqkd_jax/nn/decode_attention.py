@@ -5,8 +5,9 @@ the stacked projections [B, 3, H, hd], read in place) turns q and k by the rotar
 `position` (optional), writes this step's key and value at `position` of the cache (in place: the
 caches are aliased to the outputs) and attends the query to the cached positions <= position.
 Each (row, head) is one program that reads only the filled part of its cache, `position` keys and
-values, in blocks of at most 64 (masked loads), with an online softmax in float32; the XLA einsum
-path reads the whole cache (masked), every layer and step.
+values, in blocks (masked loads) of 16, 32 or 64 positions by the grid's size (`launch_config`),
+with an online softmax in float32 kept per lane of the block (the lanes combined once, after the
+loop); the XLA einsum path reads the whole cache (masked), every layer and step.
 
 It computes what `proposal.ar.CausalSelfAttention` computes with XLA's ops (the rotary in float32
 rounded to the computation dtype, the scaled query in that dtype, scores and softmax in float32),
@@ -29,8 +30,23 @@ RMSNorms, 168.4 images/s. Tried and slower: blocks of 32 (156.7 images/s), 128 (
 with 8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads per program
 (152.1, 146.1; 121.4 with 8 warps); with the rotary inside, 1 or 3 pipeline stages (166.8,
 167.6 against 167-168) and 2 warps with 3 stages (161.8); plain (unmasked) loads for the
-completely filled blocks (6 Dec: the same time alone, 0.378 against 0.372 s per batch). XLA's
-partitioner has no rule for the kernel's custom call, so inside a jit whose batch is sharded over
+completely filled blocks (6 Dec: the same time alone, 0.378 against 0.372 s per batch).
+
+Per-lane softmax states and the launch by grid size (ninth 6 Dec session, H200, `vqkd bench sample`'s
+sampler, each set in one process). The kernel with one softmax state per program reduced its
+[block] scores and [block, hd] weighted values across warps at every block; with a state per
+lane the loop reduces over the head dim only, and each program holds fewer registers at small
+blocks. Seconds per batch of 64, CFG / none (2,048 / 1,024 programs):
+- one state, blocks of 64, 4 warps (before): 0.336-0.342 / 0.259-0.262;
+- lanes, 64 / 4: 0.353 / 0.267 (slower: more registers, fewer programs resident);
+- lanes, 32 / 2: 0.339 / 0.253-0.254 (the launch below 1,536 programs);
+- lanes, 16 / 2: 0.322-0.327 / 0.267-0.270 (the launch from 1,536 programs): 196-199 against
+  187-190 images/s with CFG;
+- lanes 16 / 1 warp 0.327 / 0.281, 32 / 1 0.386 / 0.345, 8 / 1 0.379 / 0.344, 16 / 2 with 3
+  stages 0.327 / 0.270, lanes 32 / 4 0.339 / 0.257; one state, 16 / 2: 0.332 / 0.280.
+Grids below 768 programs keep blocks of 64 and 4 warps (not re-measured).
+
+XLA's partitioner has no rule for the kernel's custom call, so inside a jit whose batch is sharded over
 several GPUs it would run replicated (correct, slower); `proposal/sampling.sample` therefore runs
 its decoding loop per device (shard_map) when the labels' batch is split over devices.
 """
@@ -48,9 +64,10 @@ from vqkd_jax.nn import pallas_backend
 from vqkd_jax.nn import rms_norm as rms_norm_lib
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-MAX_BLOCK = 64      # cache positions per block
-NUM_WARPS = 4       # of a Triton program
 NUM_STAGES = 2      # Triton's software pipelining of the block loop
+# (programs at least, cache positions per block at most, warps of a program): the launch for a
+# grid of rows x heads programs, the first that applies (`launch_config`).
+LAUNCH_CONFIGS = ((1536, 16, 2), (768, 32, 2), (0, 64, 4))
 
 
 def resolve(implementation: str, head_dim: int) -> str:
@@ -68,9 +85,13 @@ def resolve(implementation: str, head_dim: int) -> str:
   return implementation
 
 
-def _block(length: int) -> int:
-  """The largest power of two <= min(length, MAX_BLOCK)."""
-  return 1 << (min(length, MAX_BLOCK).bit_length() - 1)
+def launch_config(programs: int, length: int) -> tuple[int, int]:
+  """(cache positions per block, warps per program) for a grid of `programs` (rows x heads) over
+  caches of `length` positions: small blocks when the grid is large, so that every program is
+  resident at once (one wave) rather than the grid running in two or three. The block is the
+  largest power of two <= min(length, the config's maximum)."""
+  max_block, warps = next((b, w) for least, b, w in LAUNCH_CONFIGS if programs >= least)
+  return 1 << (min(length, max_block).bit_length() - 1), warps
 
 
 def _kernel(pos_ref, *refs, block: int, length: int, scale: float, pairs: int,
@@ -111,14 +132,16 @@ def _kernel(pos_ref, *refs, block: int, length: int, scale: float, pairs: int,
   for i in range(n):
     k_cache[pl.ds(pos, 1), pl.ds(i * c, c)] = ks[i][None].astype(k_cache.dtype)
   v_cache[pl.ds(pos, 1), :] = v_new[None].astype(v_cache.dtype)
-  # The softmax state starts from this step's own key / value (always attended); the blocks
-  # cover the positions < pos. A block starting past length - block is moved back to end at
-  # `length`: positions it repeats from the block before are masked by kpos >= j * block.
+  # Each of the block's `block` lanes keeps its own online-softmax state (running max, sum of
+  # weights, weighted values) over the positions it sees, so the loop reduces over the head dim
+  # only; the lanes and this step's own key / value (always attended) are combined once after it.
+  # A block starting past length - block is moved back to end at `length`: positions it repeats
+  # from the block before are masked by kpos >= j * block.
   m0 = sum(jnp.sum(k.astype(k_cache.dtype).astype(jnp.float32) * q) for k, q in zip(ks, qs))
-  acc0 = v_new.astype(v_cache.dtype).astype(jnp.float32)
+  v0 = v_new.astype(v_cache.dtype).astype(jnp.float32)
 
   def body(j, carry):
-    m, l, acc = carry
+    m, l, acc = carry                                   # [block], [block], [block, hd]
     lo = j * block
     start = jnp.minimum(lo, length - block)
     kpos = start + jnp.arange(block)
@@ -129,13 +152,19 @@ def _kernel(pos_ref, *refs, block: int, length: int, scale: float, pairs: int,
     s = sum(jnp.sum(load(k_cache_in, pl.ds(i * c, c)) * qs[i][None, :], axis=1) for i in range(n))
     s = jnp.where(live, s, -jnp.inf)
     values = load(v_cache_in, slice(None))
-    m_new = jnp.maximum(m, jnp.max(s))
+    m_new = jnp.maximum(m, s)        # lanes start at the own score m0: finite, no inf - inf
     p = jnp.exp(s - m_new)
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * values, axis=0)
+    return m_new, l * alpha + p, acc * alpha[:, None] + p[:, None] * values
 
-  _, l, acc = jax.lax.fori_loop(0, (pos + block - 1) // block, body,
-                                (m0, jnp.ones((), jnp.float32), acc0))
+  m, l, acc = jax.lax.fori_loop(
+      0, (pos + block - 1) // block, body,
+      (jnp.full((block,), m0, jnp.float32), jnp.zeros((block,), jnp.float32),
+       jnp.zeros((block, hd), jnp.float32)))
+  top = jnp.max(m)                   # >= m0
+  weights, own = jnp.exp(m - top), jnp.exp(m0 - top)
+  l = jnp.sum(weights * l) + own
+  acc = jnp.sum(weights[:, None] * acc, axis=0) + own * v0
   o_ref[...] = (acc / l).astype(o_ref.dtype)
 
 
@@ -199,7 +228,7 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary, r
   if rms is not None:
     extra = (*extra, rms[0])
     extra_specs = [*extra_specs, pl.BlockSpec((None, rms[0].shape[1]), lambda i, j: (i, 0))]
-  block = _block(length)
+  block, num_warps = launch_config(b * h, length)
   vec = lambda m: pl.BlockSpec((None,) * (len(srcs[0].shape) - 1) + (hd,), m)
   row = pl.BlockSpec((None, None, hd), lambda i, j: (i, j, 0))
   cache = pl.BlockSpec((None, None, length, hd), lambda i, j: (i, j, 0, 0))
@@ -215,5 +244,5 @@ def _append_and_attend(srcs, maps, qshape, k_cache, v_cache, position, rotary, r
                 *(vec(m) for m in maps), cache, cache],
       out_specs=(row, cache, cache),
       input_output_aliases={n_in: 1, n_in + 1: 2},
-      name="decode_attention", **pallas_backend.call_params(NUM_WARPS, NUM_STAGES))(
+      name="decode_attention", **pallas_backend.call_params(num_warps, NUM_STAGES))(
           jnp.reshape(jnp.asarray(position, jnp.int32), (1,)), *extra, *srcs, k_cache, v_cache)
