@@ -32,11 +32,11 @@ with 8 warps (135.8); 2 warps (154.7); all blocks unrolled (146.8); 2 or 4 heads
 167.6 against 167-168) and 2 warps with 3 stages (161.8); plain (unmasked) loads for the
 completely filled blocks (6 Dec: the same time alone, 0.378 against 0.372 s per batch).
 
-Per-lane softmax states and the launch by grid size (ninth 6 Dec session, H200, `vqkd bench sample`'s
-sampler, each set in one process). The kernel with one softmax state per program reduced its
-[block] scores and [block, hd] weighted values across warps at every block; with a state per
-lane the loop reduces over the head dim only, and each program holds fewer registers at small
-blocks. Seconds per batch of 64, CFG / none (2,048 / 1,024 programs):
+Per-lane softmax states and the launch by grid size (ninth 6 Dec session, H200, `vqkd bench
+sample`'s sampler, each set in one process). The kernel with one softmax state per program
+reduced its [block] scores and [block, hd] weighted values across warps at every block; with a
+state per lane the loop reduces over the head dim only, and each program holds fewer registers
+at small blocks. Seconds per batch of 64, CFG / none (2,048 / 1,024 programs):
 - one state, blocks of 64, 4 warps (before): 0.336-0.342 / 0.259-0.262;
 - lanes, 64 / 4: 0.353 / 0.267 (slower: more registers, fewer programs resident);
 - lanes, 32 / 2: 0.339 / 0.253-0.254 (the launch below 1,536 programs);
@@ -46,9 +46,10 @@ blocks. Seconds per batch of 64, CFG / none (2,048 / 1,024 programs):
   stages 0.327 / 0.270, lanes 32 / 4 0.339 / 0.257; one state, 16 / 2: 0.332 / 0.280.
 Grids below 768 programs keep blocks of 64 and 4 warps (not re-measured).
 
-XLA's partitioner has no rule for the kernel's custom call, so inside a jit whose batch is sharded over
-several GPUs it would run replicated (correct, slower); `proposal/sampling.sample` therefore runs
-its decoding loop per device (shard_map) when the labels' batch is split over devices.
+XLA's partitioner has no rule for the kernel's custom call, so inside a jit whose batch is
+sharded over several GPUs it would run replicated (correct, slower); `proposal/sampling.sample`
+therefore runs its decoding loop per device (shard_map) when the labels' batch is split over
+devices.
 """
 
 from __future__ import annotations
