@@ -21,10 +21,14 @@ def _closed_form(q, k, v, k_cache, v_cache, pos):
   return np.einsum("bhs,bhsd->bhd", w, values[:, :, :pos + 1]), keys, values
 
 
-# Lengths below, at and above one block (64), not powers of two; first, middle and last positions.
+# Lengths below, at and above one block, not powers of two; first, middle and last positions.
+# Blocks of at most 64 positions (the small grids' launch, as here), 32 and 16 (the large grids'):
+# several blocks, the last moved back.
+@pytest.mark.parametrize("max_block", [64, 32, 16])
 @pytest.mark.parametrize("length,pos", [(1, 0), (17, 0), (17, 16), (64, 63), (100, 64),
                                         (200, 130), (200, 199)])
-def test_kernel_against_closed_form(length, pos):
+def test_kernel_against_closed_form(monkeypatch, max_block, length, pos):
+  monkeypatch.setattr(decode_attention, "LAUNCH_CONFIGS", ((0, max_block, 2),))
   rng = np.random.default_rng(length + pos)
   b, h, hd = 2, 3, 16
   q, k, v = (rng.normal(size=(b, h, hd)).astype(np.float32) for _ in range(3))
@@ -45,23 +49,6 @@ def test_kernel_against_closed_form(length, pos):
 def test_launch_config_by_grid_size(programs, want):
   assert decode_attention.launch_config(programs, 257) == want
   assert decode_attention.launch_config(programs, 20)[0] == min(want[0], 16)   # capped by length
-
-
-# Blocks of 16 and 32 positions (the large grids' launch): several blocks, the last moved back.
-@pytest.mark.parametrize("max_block", [16, 32])
-@pytest.mark.parametrize("length,pos", [(17, 16), (100, 64), (200, 130)])
-def test_small_blocks_against_closed_form(monkeypatch, max_block, length, pos):
-  monkeypatch.setattr(decode_attention, "LAUNCH_CONFIGS", ((0, max_block, 2),))
-  rng = np.random.default_rng(length + pos + max_block)
-  b, h, hd = 2, 2, 16
-  q, k, v = (rng.normal(size=(b, h, hd)).astype(np.float32) for _ in range(3))
-  k_cache, v_cache = (rng.normal(size=(b, h, length, hd)).astype(np.float32) * 3
-                      for _ in range(2))
-  y, _, _ = decode_attention.append_and_attend(
-      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_cache), jnp.asarray(v_cache),
-      jnp.int32(pos))
-  want, _, _ = _closed_form(q, k, v, k_cache, v_cache, pos)
-  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_ignores_the_unfilled_cache():
